@@ -1,0 +1,120 @@
+/*
+ * cm/redis.h: an asynchronous Redis client on the libuv loop (hiredis 0.14.1 async API).
+ *
+ * One cm_redis_t is one TCP (or unix socket) connection that reconnects by itself with capped
+ * exponential backoff until cm_redis_close. While the link is down every command fails at once
+ * with UV_ENOTCONN: callers fall back to the origin instead of queueing and waiting.
+ *
+ * Every command has a deadline (timeout_ms, REDIS_TIMEOUT_MS): a command not answered by then
+ * gets UV_ETIMEDOUT and its late reply is dropped. A server that stops answering (several
+ * consecutive timeouts, or a command outstanding for 5x the timeout) is treated as dead: the
+ * link is dropped, reported down through on_state, and reopened.
+ *
+ * Name resolution: hiredis' redisAsyncConnect resolves host names with a blocking getaddrinfo
+ * on the loop thread. Use an IP address (or a unix socket) in REDIS_URL where that matters.
+ *
+ * Callbacks fire exactly once and never from inside the call that started the work.
+ */
+#ifndef CM_REDIS_H
+#define CM_REDIS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct cm_redis cm_redis_t;
+struct redisReply;
+
+/* Status codes passed to callbacks: CM_REDIS_OK (0), UV_ETIMEDOUT (no answer in time),
+ * UV_ECONNRESET (link lost while waiting), UV_ECANCELED (client closing), UV_ENOTCONN. */
+enum { CM_REDIS_OK = 0 };
+
+typedef struct cm_redis_config {
+    /* redis://[user:password@]host[:port][/db] or unix:///path.sock; borrowed, copied by open. */
+    const char *url;
+    uint64_t timeout_ms;         /* per command deadline, ms; default 100 (REDIS_TIMEOUT_MS) */
+    uint64_t connect_timeout_ms; /* per connect attempt (TCP + AUTH + SELECT), ms; default 1000 */
+    uint64_t backoff_min_ms;     /* reconnect delay after the first failure, ms; default 50 */
+    uint64_t backoff_max_ms;     /* cap of the doubling delay (with jitter), ms; default 5000 */
+    uint64_t health_interval_ms; /* background PING while idle, ms; default 1000; 0 = off */
+    /* Called on every up/down transition only (never twice the same way in a row). `error` is
+     * borrowed for the call, NULL when up. May be NULL. */
+    void (*on_state)(cm_redis_t *r, int up, const char *error, void *ud);
+    void *ud;         /* passed to on_state and message callbacks */
+    const char *name; /* for logs ("cache", "pubsub"); borrowed, copied by open; may be NULL */
+} cm_redis_config_t;
+
+/* Fills `cfg` with the defaults above (url NULL, no callbacks). */
+void cm_redis_config_defaults(cm_redis_config_t *cfg);
+
+/* The parts of a REDIS_URL. Strings are NUL-terminated and percent-decoded. */
+typedef struct cm_redis_url {
+    char host[256];     /* TCP host (empty for unix) */
+    int port;           /* TCP port, default 6379 */
+    char path[256];     /* unix socket path (empty for TCP) */
+    char user[128];     /* ACL user name, empty when none (AUTH password alone) */
+    char password[256]; /* empty when none */
+    int db;             /* SELECT index, default 0 */
+    int is_unix;        /* 1 for unix:// */
+} cm_redis_url_t;
+
+/* Parses a REDIS_URL (redis://[user:password@]host[:port][/db], unix:///path[?db=N]) with
+ * uriparser (RFC 3986). Used at startup to reject bad configuration. Returns 0 or UV_EINVAL
+ * (unknown scheme, bad port, db not a number, field too long). */
+int cm_redis_url_parse(const char *url, cm_redis_url_t *out);
+
+/* Creates the client and starts connecting (AUTH [user] password, SELECT db, then up). It keeps
+ * reconnecting forever until cm_redis_close. `cfg` is borrowed (copied). *out is set on
+ * success; the caller releases it with cm_redis_close. Returns 0, UV_EINVAL (bad URL or
+ * config) or UV_ENOMEM. on_state(up=1) fires later, from the loop. */
+int cm_redis_open(uv_loop_t *loop, const cm_redis_config_t *cfg, cm_redis_t **out);
+
+/* Non-zero when the link is up (connected, authenticated, db selected, not stalled). */
+int cm_redis_is_up(const cm_redis_t *r);
+
+/* Reply callback: fires exactly once, never synchronously. `reply` is borrowed until the
+ * callback returns; it is NULL unless status == CM_REDIS_OK. A Redis error reply comes as
+ * status 0 with reply->type == REDIS_REPLY_ERROR. */
+typedef void (*cm_redis_reply_fn)(cm_redis_t *r, struct redisReply *reply, int status, void *ud);
+
+/* Sends a command in argv form (binary safe; argv and argvlen borrowed, copied before return).
+ * argvlen may be NULL for NUL-terminated arguments. Returns 0 (cb will fire), UV_ENOTCONN when
+ * the link is down, UV_EINVAL, or UV_ENOMEM (cb will not fire). cb may be NULL (fire and
+ * forget). */
+int cm_redis_command_argv(cm_redis_t *r, cm_redis_reply_fn cb, void *ud, int argc,
+                          const char **argv, const size_t *argvlen);
+/* Same with a hiredis format string ("SET %s %b"). Same returns. */
+int cm_redis_command(cm_redis_t *r, cm_redis_reply_fn cb, void *ud, const char *fmt, ...);
+
+/* PING round trip for health checks: cb(status, latency in ms). Same firing rules and returns
+ * as cm_redis_command. A successful PING also updates stats.last_ping_ms. */
+typedef void (*cm_redis_ping_fn)(cm_redis_t *r, int status, double latency_ms, void *ud);
+int cm_redis_ping(cm_redis_t *r, cm_redis_ping_fn cb, void *ud);
+
+/* Pub/sub. A connection used for SUBSCRIBE should be its own cm_redis_t (RESP2 allows only
+ * (P)SUBSCRIBE family commands on it). Subscriptions are remembered and issued again after
+ * every reconnect. cb(channel, payload, len) fires once per message; channel and payload are
+ * borrowed for the call. `channel` is borrowed (copied). May be called while down (sent on the
+ * next connect). Returns 0, UV_EEXIST (already subscribed), UV_EINVAL or UV_ENOMEM. */
+typedef void (*cm_redis_message_fn)(cm_redis_t *r, const char *channel, const char *payload,
+                                    size_t len, void *ud);
+int cm_redis_subscribe(cm_redis_t *r, const char *channel, cm_redis_message_fn cb, void *ud);
+/* Forgets a subscription (and UNSUBSCRIBEs when up). Returns 0 or UV_ENOENT. */
+int cm_redis_unsubscribe(cm_redis_t *r, const char *channel);
+
+/* Counters for metrics (redis_reconnects_total, redis_command_timeouts_total...). */
+typedef struct cm_redis_stats {
+    uint64_t reconnects; /* successful connects after the first one */
+    uint64_t timeouts;   /* commands answered UV_ETIMEDOUT */
+    uint64_t errors;     /* failed connect attempts and lost links */
+    double last_ping_ms; /* latency of the last successful PING (health or cm_redis_ping), ms */
+} cm_redis_stats_t;
+void cm_redis_stats(const cm_redis_t *r, cm_redis_stats_t *out);
+
+/* Closes the client: every pending command gets UV_ECANCELED (from the loop, not from inside
+ * this call), then `done(ud)` (may be NULL) fires once after the last handle closed and the
+ * object was freed. `r` must not be used after this call. Safe to call from any callback of
+ * this client. */
+void cm_redis_close(cm_redis_t *r, void (*done)(void *ud), void *ud);
+
+#endif
