@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(
   build-essential cmake pkg-config git curl ca-certificates procps
-  libuv1-dev libhiredis-dev node-llhttp libwslay-dev libcjson-dev libpq-dev libssl-dev libcmocka-dev liburiparser-dev
+  libuv1-dev libhiredis-dev node-llhttp libwslay-dev libcjson-dev libpq-dev libssl-dev libcmocka-dev liburiparser-dev uthash-dev
   redis-server redis-tools postgresql postgresql-client
   python3 python3-pytest python3-websocket python3-psycopg2
   wrk nginx-light
