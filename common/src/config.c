@@ -83,8 +83,7 @@ static void set_error(cm_config_t *c, const char *fmt, ...)
 }
 
 /* Records "KEY: expected <what>, got '<value>'" and returns UV_EINVAL. */
-static int fail_value(cm_config_t *c, const char *key, const char *what, const char *v,
-                      size_t len)
+static int fail_value(cm_config_t *c, const char *key, const char *what, const char *v, size_t len)
 {
     char q[QUOTE_MAX + 8];
     quote_value(q, sizeof q, v, len);
@@ -343,8 +342,9 @@ int cm_config_listen(cm_config_t *c, const char *key, const char *def, char *hos
     size_t tmpsz = hostsz < sizeof tmp_host ? hostsz : sizeof tmp_host;
     if (parse_listen(s, len, c->allow_port_zero, tmp_host, tmpsz, &tmp_port) != 0) {
         return fail_value(c, key,
-                          c->allow_port_zero ? "host:port or [ipv6]:port with a port from 0 to 65535"
-                                             : "host:port or [ipv6]:port with a port from 1 to 65535",
+                          c->allow_port_zero
+                              ? "host:port or [ipv6]:port with a port from 0 to 65535"
+                              : "host:port or [ipv6]:port with a port from 1 to 65535",
                           s, len);
     }
     memcpy(host, tmp_host, strlen(tmp_host) + 1);

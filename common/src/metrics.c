@@ -627,9 +627,8 @@ static int put_sample(cm_buf_t *out, const char *name, const char *suffix, const
     int has = labels[0] != '\0';
     if (!has && !le)
         return cm_buf_printf(out, "%s%s %s\n", name, suffix, value);
-    return cm_buf_printf(out, "%s%s{%s%s%s%s%s} %s\n", name, suffix, labels,
-                         has && le ? "," : "", le ? "le=\"" : "", le ? le : "", le ? "\"" : "",
-                         value);
+    return cm_buf_printf(out, "%s%s{%s%s%s%s%s} %s\n", name, suffix, labels, has && le ? "," : "",
+                         le ? "le=\"" : "", le ? le : "", le ? "\"" : "", value);
 }
 
 static int render_histogram(cm_buf_t *out, const family_t *f, const cm_metric_t *s)

@@ -82,9 +82,8 @@ static void str_values(void **state)
 static void bool_values(void **state)
 {
     (void)state;
-    const char *env[] = {"T1", "true", "T2", "YES", "T3", " On ", "T4", "1",
-                         "F1", "False", "F2", "no", "F3", "OFF", "F4", "0",
-                         "E", "", "W", "  ", NULL};
+    const char *env[] = {"T1", "true", "T2",  "YES", "T3", " On ", "T4", "1", "F1", "False", "F2",
+                         "no", "F3",   "OFF", "F4",  "0",  "E",    "",   "W", "  ", NULL};
     cm_config_t c;
     cm_config_init(&c, table_lookup, env);
     int v;
@@ -115,22 +114,20 @@ static void bool_invalid_names_variable(void **state)
     assert_int_equal(cm_config_bool(&c, "CACHE_ENABLED", 1, &v), UV_EINVAL);
     assert_int_equal(v, 1); /* the default, so the caller can carry on and report at the end */
     assert_true(c.failed);
-    assert_string_equal(c.error,
-                        "CACHE_ENABLED: expected true or false (or 1/0, yes/no, on/off), "
-                        "got 'maybe'");
+    assert_string_equal(c.error, "CACHE_ENABLED: expected true or false (or 1/0, yes/no, on/off), "
+                                 "got 'maybe'");
     /* Only the first error is kept. */
     assert_int_equal(cm_config_bool(&c, "OTHER", 0, &v), UV_EINVAL);
     assert_int_equal(v, 0);
-    assert_string_equal(c.error,
-                        "CACHE_ENABLED: expected true or false (or 1/0, yes/no, on/off), "
-                        "got 'maybe'");
+    assert_string_equal(c.error, "CACHE_ENABLED: expected true or false (or 1/0, yes/no, on/off), "
+                                 "got 'maybe'");
 }
 
 static void int_values(void **state)
 {
     (void)state;
-    const char *env[] = {"A", "1000", "B", " 42\t", "C", "+7", "D", "-5", "E", "",
-                         "MIN", "1", "MAX", "60000", "ZEROS", "007", NULL};
+    const char *env[] = {"A", "1000", "B", " 42\t", "C",     "+7",    "D",   "-5", "E",
+                         "",  "MIN",  "1", "MAX",   "60000", "ZEROS", "007", NULL};
     cm_config_t c;
     cm_config_init(&c, table_lookup, env);
     long v;
@@ -175,8 +172,7 @@ static void int_invalid_and_out_of_range(void **state)
     expect_int_error("0", 1, 60000, "CACHE_TTL_MS: expected an integer from 1 to 60000, got '0'");
     expect_int_error("60001", 1, 60000,
                      "CACHE_TTL_MS: expected an integer from 1 to 60000, got '60001'");
-    expect_int_error("-1", 1, 60000,
-                     "CACHE_TTL_MS: expected an integer from 1 to 60000, got '-1'");
+    expect_int_error("-1", 1, 60000, "CACHE_TTL_MS: expected an integer from 1 to 60000, got '-1'");
     expect_int_error("0x10", 1, 60000,
                      "CACHE_TTL_MS: expected an integer from 1 to 60000, got '0x10'");
     expect_int_error("1e3", 1, 60000,
@@ -190,8 +186,8 @@ static void int_invalid_and_out_of_range(void **state)
                      "CACHE_TTL_MS: expected an integer from 1 to 60000, "
                      "got '99999999999999999999'");
     /* The full long range parses exactly; one past it overflows. */
-    const char *env[] = {"A", "9223372036854775807", "B", "-9223372036854775808", "C",
-                         "9223372036854775808", NULL};
+    const char *env[] = {"A", "9223372036854775807", "B", "-9223372036854775808",
+                         "C", "9223372036854775808", NULL};
     cm_config_t c;
     cm_config_init(&c, table_lookup, env);
     long v;
@@ -235,8 +231,7 @@ static void enum_values(void **state)
     assert_false(c.failed);
     assert_int_equal(cm_config_enum(&c, "BAD", "info", levels, &i), UV_EINVAL);
     assert_int_equal(i, 1);
-    assert_string_equal(c.error,
-                        "BAD: expected one of debug, info, warn, error, got 'verbose'");
+    assert_string_equal(c.error, "BAD: expected one of debug, info, warn, error, got 'verbose'");
     cm_config_init(&c, table_lookup, env);
     assert_int_equal(cm_config_enum(&c, "CASE", "info", levels, &i), UV_EINVAL);
     /* A default outside the list is a programming error, reported at startup too. */
@@ -248,8 +243,9 @@ static void enum_values(void **state)
 static void listen_values(void **state)
 {
     (void)state;
-    const char *env[] = {"A", "127.0.0.1:9000", "B", "[::1]:8443", "C", "localhost:1",
-                         "D", " example.internal:65535 ", "E", "[fe80::1%eth0]:80", NULL};
+    const char *env[] = {"A", "127.0.0.1:9000",    "B", "[::1]:8443",
+                         "C", "localhost:1",       "D", " example.internal:65535 ",
+                         "E", "[fe80::1%eth0]:80", NULL};
     cm_config_t c;
     cm_config_init(&c, table_lookup, env);
     char host[64];
@@ -328,8 +324,12 @@ static void listen_invalid(void **state)
 static void list_values(void **state)
 {
     (void)state;
-    const char *env[] = {"A", " https://a.example , https://b.example,c ", "ONE", "x",
-                         "BAD", "a,,b", "TRAIL", "a,", "E", "", NULL};
+    const char *env[] = {"A",     " https://a.example , https://b.example,c ",
+                         "ONE",   "x",
+                         "BAD",   "a,,b",
+                         "TRAIL", "a,",
+                         "E",     "",
+                         NULL};
     cm_config_t c;
     cm_config_init(&c, table_lookup, env);
     char **items;
@@ -518,13 +518,15 @@ static void file_overrides_env(void **state)
 {
     (void)state;
     char path[64];
-    write_temp(path, sizeof path, "CACHE_TTL_MS=250\nCACHE_ENABLED=\nLOG_LEVEL=debug\n"
-                                  "PRICE_SERVICE_LISTEN=0.0.0.0:1\nBAD=abc\n");
+    write_temp(path, sizeof path,
+               "CACHE_TTL_MS=250\nCACHE_ENABLED=\nLOG_LEVEL=debug\n"
+               "PRICE_SERVICE_LISTEN=0.0.0.0:1\nBAD=abc\n");
     cm_config_file_t *f;
     assert_int_equal(cm_config_file_load(path, &f, NULL, 0), 0);
     unlink(path);
-    const char *env[] = {"CACHE_TTL_MS", "1000", "CACHE_ENABLED", "off", "LOG_LEVEL", "info",
-                         "PRICE_SERVICE_LISTEN", "0.0.0.0:8080", NULL};
+    const char *env[] = {
+        "CACHE_TTL_MS", "1000", "CACHE_ENABLED", "off", "LOG_LEVEL", "info", "PRICE_SERVICE_LISTEN",
+        "0.0.0.0:8080", NULL};
     cm_config_t c;
     cm_config_init(&c, table_lookup, env);
     c.file = f;
@@ -536,9 +538,8 @@ static void file_overrides_env(void **state)
     assert_int_equal(on, 0); /* an empty file value does not hide the environment */
     char host[32];
     int port;
-    assert_int_equal(cm_config_listen(&c, "PRICE_SERVICE_LISTEN", "0.0.0.0:80", host,
-                                      sizeof host, &port),
-                     0);
+    assert_int_equal(
+        cm_config_listen(&c, "PRICE_SERVICE_LISTEN", "0.0.0.0:80", host, sizeof host, &port), 0);
     assert_int_equal(port, 1);
     /* A value from the file is validated and named like one from the environment. */
     assert_int_equal(cm_config_int(&c, "BAD", 1, 1, 10, &ttl), UV_EINVAL);
@@ -554,9 +555,8 @@ static void file_overrides_env(void **state)
     const char *level;
     assert_int_equal(cm_config_str(&c, "LOG_LEVEL", "info", &level), 0);
     assert_string_equal(level, "debug");
-    assert_int_equal(cm_config_listen(&c, "PRICE_SERVICE_LISTEN", "0.0.0.0:80", host,
-                                      sizeof host, &port),
-                     0);
+    assert_int_equal(
+        cm_config_listen(&c, "PRICE_SERVICE_LISTEN", "0.0.0.0:80", host, sizeof host, &port), 0);
     assert_int_equal(port, 8080);
     assert_false(c.failed);
     cm_config_file_free(f);

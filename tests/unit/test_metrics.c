@@ -184,8 +184,7 @@ static void doubles_the_prometheus_way(void **state)
     for (size_t i = 0; i < n; i++) {
         char labels[32];
         assert_true(cm_metrics_labels(labels, sizeof labels, "i", i < 10 ? "0" : "1", "j",
-                                      (const char[]){(char)('0' + (char)(i % 10)), 0},
-                                      NULL) > 0);
+                                      (const char[]){(char)('0' + (char)(i % 10)), 0}, NULL) > 0);
         cm_metric_t *g = cm_metrics_gauge(m, "g", "G.", labels);
         assert_non_null(g);
         cm_gauge_set(g, cases[i].v);
@@ -197,7 +196,8 @@ static void doubles_the_prometheus_way(void **state)
     cm_gauge_set(inf, INFINITY);
     cm_gauge_set(ninf, -INFINITY);
     cm_gauge_set(nan, NAN);
-    snprintf(want + w, sizeof want - w, "g{s=\"inf\"} +Inf\ng{s=\"ninf\"} -Inf\ng{s=\"nan\"} NaN\n");
+    snprintf(want + w, sizeof want - w,
+             "g{s=\"inf\"} +Inf\ng{s=\"ninf\"} -Inf\ng{s=\"nan\"} NaN\n");
     assert_render(m, want);
     cm_metrics_free(m);
 }
@@ -213,8 +213,8 @@ static void gauge_fn(void **state)
     (void)state;
     cm_metrics_t *m = cm_metrics_new();
     double hm[2] = {0, 0};
-    cm_metric_t *r = cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Cache hit ratio.", NULL,
-                                         ratio_fn, hm);
+    cm_metric_t *r =
+        cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Cache hit ratio.", NULL, ratio_fn, hm);
     assert_non_null(r);
     assert_true(cm_metric_value(r) == 0);
     assert_render(m, "# HELP price_cache_hit_ratio Cache hit ratio.\n"
@@ -227,16 +227,15 @@ static void gauge_fn(void **state)
                      "# TYPE price_cache_hit_ratio gauge\n"
                      "price_cache_hit_ratio 0.75\n");
     /* Same name + labels + fn + ud: the same series; anything else there is a clash. */
-    assert_ptr_equal(cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Cache hit ratio.", NULL,
-                                         ratio_fn, hm),
-                     r);
-    assert_null(cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Cache hit ratio.", NULL,
-                                    ratio_fn, &hm[1]));
+    assert_ptr_equal(
+        cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Cache hit ratio.", NULL, ratio_fn, hm), r);
+    assert_null(cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Cache hit ratio.", NULL, ratio_fn,
+                                    &hm[1]));
     assert_null(cm_metrics_gauge(m, "price_cache_hit_ratio", "Cache hit ratio.", NULL));
     assert_null(cm_metrics_gauge_fn(m, "x", "X.", NULL, NULL, NULL));
     /* A plain gauge may share the family under other labels. */
-    cm_metric_t *g = cm_metrics_gauge(m, "price_cache_hit_ratio", "Cache hit ratio.",
-                                      "tier=\"memory\"");
+    cm_metric_t *g =
+        cm_metrics_gauge(m, "price_cache_hit_ratio", "Cache hit ratio.", "tier=\"memory\"");
     assert_non_null(g);
     cm_gauge_set(g, 1);
     assert_render(m, "# HELP price_cache_hit_ratio Cache hit ratio.\n"
@@ -274,8 +273,8 @@ static void label_building_and_escaping(void **state)
     /* Escaped values round-trip through the registry into the exposition. */
     cm_metrics_t *m = cm_metrics_new();
     assert_true(cm_metrics_labels(out, sizeof out, "path", "C:\\dir \"x\"\nnext", NULL) > 0);
-    cm_metric_t *c = cm_metrics_counter(m, "odd_total", "Help with \\ backslash\nand \"quotes\".",
-                                        out);
+    cm_metric_t *c =
+        cm_metrics_counter(m, "odd_total", "Help with \\ backslash\nand \"quotes\".", out);
     assert_non_null(c);
     assert_render(m, "# HELP odd_total Help with \\\\ backslash\\nand \"quotes\".\n"
                      "# TYPE odd_total counter\n"
@@ -288,10 +287,23 @@ static void malformed_labels_rejected(void **state)
     (void)state;
     cm_metrics_t *m = cm_metrics_new();
     static const char *const bad[] = {
-        "k=v",          "k=\"v",         "k=\"v\",",     ",k=\"v\"",    "k=\"v\"x=\"w\"",
-        "__k=\"v\"",    "0k=\"v\"",      "k-x=\"v\"",    "k=\"a\\qb\"", "k=\"a\nb\"",
-        "k=\"v\\\"",    "k=\"1\",k=\"2\"", "k=\"\xff\"", "k =\"v\"",    "{k=\"v\"}",
-        "k=\"\xc3\"",   "k=\"\xed\xa0\x80\"",
+        "k=v",
+        "k=\"v",
+        "k=\"v\",",
+        ",k=\"v\"",
+        "k=\"v\"x=\"w\"",
+        "__k=\"v\"",
+        "0k=\"v\"",
+        "k-x=\"v\"",
+        "k=\"a\\qb\"",
+        "k=\"a\nb\"",
+        "k=\"v\\\"",
+        "k=\"1\",k=\"2\"",
+        "k=\"\xff\"",
+        "k =\"v\"",
+        "{k=\"v\"}",
+        "k=\"\xc3\"",
+        "k=\"\xed\xa0\x80\"",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         if (cm_metrics_counter(m, "c_total", "C.", bad[i]) != NULL)
@@ -346,8 +358,8 @@ static void clashes_return_null(void **state)
 {
     (void)state;
     cm_metrics_t *m = cm_metrics_new();
-    static const double b1[] = {0.1, 1}, b2[] = {0.1, 2}, unsorted[] = {1, 0.1},
-                        dup[] = {1, 1}, inf[] = {1, INFINITY};
+    static const double b1[] = {0.1, 1}, b2[] = {0.1, 2}, unsorted[] = {1, 0.1}, dup[] = {1, 1},
+                        inf[] = {1, INFINITY};
     assert_non_null(cm_metrics_counter(m, "c_total", "C.", NULL));
     assert_null(cm_metrics_gauge(m, "c_total", "C.", NULL));            /* other type */
     assert_null(cm_metrics_gauge(m, "c_total", "C.", "x=\"1\""));       /* even other labels */
@@ -483,20 +495,19 @@ static void promtool_accepts_sample(void **state)
     char labels[128];
     for (size_t i = 0; i < 4; i++) {
         cm_metrics_labels(labels, sizeof labels, "result", results[i], NULL);
-        cm_counter_add(cm_metrics_counter(m, "price_cache_lookups_total",
-                                          "Cache lookups by result.", labels),
-                       (double)(i + 1));
+        cm_counter_add(
+            cm_metrics_counter(m, "price_cache_lookups_total", "Cache lookups by result.", labels),
+            (double)(i + 1));
     }
-    cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Hits over hits and misses.", NULL, one,
-                        NULL);
+    cm_metrics_gauge_fn(m, "price_cache_hit_ratio", "Hits over hits and misses.", NULL, one, NULL);
     cm_gauge_set(cm_metrics_gauge(m, "redis_up", "1 when Redis answers a PING.", NULL), 1);
     cm_metrics_counter(m, "redis_reconnects_total", "Redis reconnections.", NULL);
     cm_metrics_counter(m, "redis_command_timeouts_total", "Redis commands timed out.", NULL);
     cm_metrics_labels(labels, sizeof labels, "result", "ok", NULL);
     cm_counter_inc(cm_metrics_counter(m, "origin_requests_total", "Origin queries.", labels));
-    cm_metric_t *h = cm_metrics_histogram(m, "origin_request_duration_seconds",
-                                          "Origin query latency.", NULL, cm_metrics_latency_bounds,
-                                          cm_metrics_latency_nbounds);
+    cm_metric_t *h =
+        cm_metrics_histogram(m, "origin_request_duration_seconds", "Origin query latency.", NULL,
+                             cm_metrics_latency_bounds, cm_metrics_latency_nbounds);
     cm_histogram_observe(h, 0.0012);
     cm_histogram_observe(h, 0.25);
     cm_metrics_labels(labels, sizeof labels, "route", "/api/markets/price", "code", "200", NULL);
