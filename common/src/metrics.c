@@ -10,7 +10,6 @@
 
 #include "cm/alloc.h"
 
-#include <inttypes.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -50,6 +49,7 @@ struct family {
     family_type_t type;
     double *bounds; /* histogram only */
     size_t nbounds;
+    char (*le)[32]; /* histogram: the nbounds + 1 `le` values as rendered, formatted once */
     cm_metric_t *series;
     cm_metric_t *last;
     family_t *next;
@@ -269,6 +269,7 @@ static void family_free(family_t *f)
     cm_free(f->name);
     cm_free(f->help);
     cm_free(f->bounds);
+    cm_free(f->le);
     cm_free(f);
 }
 
@@ -338,6 +339,46 @@ static int bounds_valid(const double *bounds, size_t n)
     return 1;
 }
 
+/* Decimal digits of v into buf (at least 21 bytes); returns the length. snprintf costs more
+ * than the rest of a sample line, and bucket counts are most of the lines. */
+static size_t format_u64(char *buf, uint64_t v)
+{
+    char tmp[20];
+    size_t n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = tmp[n - 1 - i];
+    buf[n] = '\0';
+    return n;
+}
+
+/* Formats v as Prometheus clients do: +Inf/-Inf/NaN, exact integers in plain digits, other
+ * values in the shortest %g form that parses back to the same double. bufsz >= 32. */
+static void format_double(char *buf, size_t bufsz, double v)
+{
+    if (isnan(v)) {
+        snprintf(buf, bufsz, "NaN");
+    } else if (isinf(v)) {
+        snprintf(buf, bufsz, v > 0 ? "+Inf" : "-Inf");
+    } else if (v == trunc(v) && fabs(v) <= 9007199254740992.0) {
+        if (v < 0) { /* -0.0 is not < 0, so it renders as "0" */
+            buf[0] = '-';
+            format_u64(buf + 1, (uint64_t)-v);
+        } else {
+            format_u64(buf, (uint64_t)v);
+        }
+    } else {
+        for (int prec = 1; prec <= 17; prec++) {
+            snprintf(buf, bufsz, "%.*g", prec, v);
+            if (strtod(buf, NULL) == v)
+                break;
+        }
+    }
+}
+
 /* The common registration path for every kind. */
 static cm_metric_t *series_get(cm_metrics_t *m, const char *name, const char *help,
                                const char *labels, series_kind_t kind, double (*fn)(void *),
@@ -395,11 +436,19 @@ static cm_metric_t *series_get(cm_metrics_t *m, const char *name, const char *he
         nf->help = cm_strdup(help);
         if (!nf->name || !nf->help)
             goto fail;
-        if (type == TYPE_HISTOGRAM && nbounds) {
-            nf->bounds = cm_malloc(nbounds * sizeof *bounds);
-            if (!nf->bounds)
+        if (type == TYPE_HISTOGRAM) {
+            if (nbounds) {
+                nf->bounds = cm_malloc(nbounds * sizeof *bounds);
+                if (!nf->bounds)
+                    goto fail;
+                memcpy(nf->bounds, bounds, nbounds * sizeof *bounds);
+            }
+            nf->le = cm_malloc((nbounds + 1) * sizeof *nf->le);
+            if (!nf->le)
                 goto fail;
-            memcpy(nf->bounds, bounds, nbounds * sizeof *bounds);
+            for (size_t i = 0; i < nbounds; i++)
+                format_double(nf->le[i], sizeof nf->le[i], bounds[i]);
+            snprintf(nf->le[nbounds], sizeof nf->le[nbounds], "+Inf");
         }
         nf->nbounds = nbounds;
     }
@@ -581,25 +630,6 @@ too_big:
 /* Rendering                                                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Formats v as Prometheus clients do: +Inf/-Inf/NaN, exact integers in plain digits, other
- * values in the shortest %g form that parses back to the same double. */
-static void format_double(char *buf, size_t bufsz, double v)
-{
-    if (isnan(v)) {
-        snprintf(buf, bufsz, "NaN");
-    } else if (isinf(v)) {
-        snprintf(buf, bufsz, v > 0 ? "+Inf" : "-Inf");
-    } else if (v == trunc(v) && fabs(v) <= 9007199254740992.0) {
-        snprintf(buf, bufsz, "%.0f", v == 0 ? 0.0 : v); /* no "-0" */
-    } else {
-        for (int prec = 1; prec <= 17; prec++) {
-            snprintf(buf, bufsz, "%.*g", prec, v);
-            if (strtod(buf, NULL) == v)
-                break;
-        }
-    }
-}
-
 /* HELP text escapes backslash and newline (not quotes). */
 static int put_help(cm_buf_t *out, const char *s)
 {
@@ -620,36 +650,60 @@ static const char *type_name(family_type_t t)
     return t == TYPE_COUNTER ? "counter" : t == TYPE_GAUGE ? "gauge" : "histogram";
 }
 
-/* `name[suffix]{labels[,le="x"]} value\n` */
+/* `name[suffix]{labels[,le="x"]} value\n`, appended piecewise (the buffer grows once per
+ * sample at most). */
 static int put_sample(cm_buf_t *out, const char *name, const char *suffix, const char *labels,
                       const char *le, const char *value)
 {
-    int has = labels[0] != '\0';
-    if (!has && !le)
-        return cm_buf_printf(out, "%s%s %s\n", name, suffix, value);
-    return cm_buf_printf(out, "%s%s{%s%s%s%s%s} %s\n", name, suffix, labels, has && le ? "," : "",
-                         le ? "le=\"" : "", le ? le : "", le ? "\"" : "", value);
+    size_t nlen = strlen(name), slen = strlen(suffix), llen = strlen(labels);
+    size_t elen = le ? strlen(le) : 0, vlen = strlen(value);
+    /* name suffix { labels , le=" le " } space value \n */
+    if (cm_buf_reserve(out, nlen + slen + llen + elen + vlen + 12) != 0)
+        return UV_ENOMEM;
+    char *p = out->data + out->len;
+    memcpy(p, name, nlen);
+    p += nlen;
+    memcpy(p, suffix, slen);
+    p += slen;
+    if (llen || le) {
+        *p++ = '{';
+        memcpy(p, labels, llen);
+        p += llen;
+        if (le) {
+            if (llen)
+                *p++ = ',';
+            memcpy(p, "le=\"", 4);
+            p += 4;
+            memcpy(p, le, elen);
+            p += elen;
+            *p++ = '"';
+        }
+        *p++ = '}';
+    }
+    *p++ = ' ';
+    memcpy(p, value, vlen);
+    p += vlen;
+    *p++ = '\n';
+    *p = '\0';
+    out->len = (size_t)(p - out->data);
+    return 0;
 }
 
 static int render_histogram(cm_buf_t *out, const family_t *f, const cm_metric_t *s)
 {
-    char le[32], val[32];
+    char val[32];
     uint64_t cum = 0;
     for (size_t i = 0; i <= f->nbounds; i++) {
         cum += s->buckets[i];
-        if (i < f->nbounds)
-            format_double(le, sizeof le, f->bounds[i]);
-        else
-            snprintf(le, sizeof le, "+Inf");
-        snprintf(val, sizeof val, "%" PRIu64, cum);
-        if (put_sample(out, f->name, "_bucket", s->labels, le, val) != 0)
+        format_u64(val, cum);
+        if (put_sample(out, f->name, "_bucket", s->labels, f->le[i], val) != 0)
             return UV_ENOMEM;
     }
     format_double(val, sizeof val, s->value);
     if (put_sample(out, f->name, "_sum", s->labels, NULL, val) != 0)
         return UV_ENOMEM;
-    snprintf(val, sizeof val, "%" PRIu64, s->count);
-    return put_sample(out, f->name, "_count", s->labels, NULL, val) != 0 ? UV_ENOMEM : 0;
+    format_u64(val, s->count);
+    return put_sample(out, f->name, "_count", s->labels, NULL, val);
 }
 
 int cm_metrics_render(const cm_metrics_t *m, cm_buf_t *out)
