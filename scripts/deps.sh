@@ -8,7 +8,7 @@ PKGS=(
   libuv1-dev libhiredis-dev node-llhttp libwslay-dev libcjson-dev libpq-dev libssl-dev libcmocka-dev liburiparser-dev uthash-dev
   redis-server redis-tools postgresql postgresql-client
   python3 python3-pytest python3-websocket python3-psycopg2
-  wrk nginx-light
+  wrk nginx-light prometheus
 )
 if [ "${DEPS_EXTRA:-}" != "" ]; then
   # shellcheck disable=SC2206
