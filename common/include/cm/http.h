@@ -86,7 +86,9 @@ void cm_http_config_defaults(cm_http_config_t *cfg);
  * Binds and listens on cfg->host:cfg->port on `loop` (borrowed; must outlive the server).
  * `cfg` is copied. On success *out is the server (freed by cm_http_server_stop()'s completion).
  * Returns 0, UV_EINVAL (no handler, bad host), UV_ENOMEM, or the bind/listen error
- * (UV_EADDRINUSE...). On failure nothing is left to close.
+ * (UV_EADDRINUSE...). On failure nothing is left to close (the memory is released on the next
+ * loop turn). Sets SIGPIPE to ignored when it still has its default action: a write to a peer
+ * that reset the connection must fail with EPIPE, not kill the daemon.
  */
 int cm_http_server_start(uv_loop_t *loop, const cm_http_config_t *cfg, cm_http_server_t **out);
 /* The bound port (useful after port 0). */
