@@ -1,0 +1,74 @@
+/*
+ * client.h: one WebSocket client of GET /ws/orders, from the upgrade request to the close.
+ *
+ * Before the upgrade (CONTRACT.md): 426 without a WebSocket upgrade, 403 for an Origin not in
+ * WS_ALLOWED_ORIGINS, 401 for a missing or bad token, 503 at WS_MAX_CONNECTIONS. After it:
+ * `welcome`, then with last_event_id the user's missed events (up to 1000, id order), then live
+ * events, no duplicate. Protocol pings every WS_PING_INTERVAL_MS, close after two silent
+ * intervals; 1008 when the token expires; 1013 when unsent data passes
+ * WS_SEND_QUEUE_MAX_BYTES; 1001 on shutdown.
+ *
+ * Lifetime: the client is freed once its connection's on_close has fired, its timers have
+ * closed and no query it started is pending.
+ */
+#ifndef ON_CLIENT_H
+#define ON_CLIENT_H
+
+#include "app.h"
+#include "dedup.h"
+#include "jwt.h"
+#include "ws.h"
+
+#include "cm/http.h"
+
+#include <stdint.h>
+#include <uv.h>
+
+/* A frame shared by every socket it goes to (reference counted). */
+typedef struct on_frame {
+    int refs;
+    int64_t id;
+    double created_at; /* commit-side timestamp (s), for the delivery histogram */
+    size_t len;
+    char data[];
+} on_frame_t;
+
+/* A frame with one reference holding a copy of `len` bytes of `data`, or NULL (ENOMEM). */
+on_frame_t *on_frame_new(int64_t id, double created_at, const char *data, size_t len);
+void on_frame_ref(on_frame_t *f);
+void on_frame_unref(on_frame_t *f);
+
+typedef struct on_client on_client_t;
+struct on_client {
+    on_app_t *app;
+    cm_http_conn_t *conn;
+    on_ws_t *ws;
+    on_jwt_claims_t claims;
+    int64_t resume_from; /* last_event_id, or -1 */
+    /* hub membership (owned by the hub) */
+    struct on_hub_entry *entry;
+    on_client_t *entry_prev, *entry_next;
+    on_client_t *all_prev, *all_next;
+    /* state */
+    int started;     /* welcome sent */
+    int replaying;   /* resume query in flight: live frames are held in `resume` */
+    on_resume_t resume;
+    int closing;     /* close frame queued or connection closing */
+    int conn_closed; /* on_close fired */
+    int pending;     /* queries and open timers that borrow the client */
+    uint64_t last_rx_ms;
+    uv_timer_t ping_timer;   /* pings, idle check, and the hard-close deadline */
+    uv_timer_t expiry_timer; /* token exp */
+};
+
+/* GET /ws/orders handler; `ud` is the on_app_t. */
+void on_client_handle_upgrade(cm_http_request_t *req, void *ud);
+/* Called by the hub once the client's subscription is in effect: welcome, then resume. */
+void on_client_start(on_client_t *c);
+/* Sends an event frame (or holds it while a resume is being replayed). `f` is borrowed. */
+void on_client_deliver(on_client_t *c, on_frame_t *f);
+/* Starts the closing handshake with `code`; the connection closes after it is flushed (hard
+ * after a few seconds if the peer does not read). */
+void on_client_close(on_client_t *c, uint16_t code);
+
+#endif

@@ -1,0 +1,60 @@
+/*
+ * hub.h: the WebSocket clients of this replica and their Redis subscriptions.
+ *
+ * One entry per connected user holds that user's sockets and the SUBSCRIBE to
+ * `orders:user:<id>` (made for the first socket, dropped after the last); sockets whose token
+ * has scope orders:read:all share one entry on `orders:all`. Each entry de-duplicates event ids
+ * (a bounded set) so that the look-back of catch-up, replay and leader changes never shows a
+ * client the same event twice, and builds each frame once for all its sockets.
+ *
+ * A SUBSCRIBE is only known to be in effect when something published after it arrives, so a
+ * new entry publishes a private sync marker on its channel and the sockets waiting on it get
+ * their welcome (and start their resume) once the marker comes back: nothing committed after
+ * the welcome can be missed. After a reconnect of the subscribing link the hub replays from
+ * `order_events` what its users may have missed while it was down.
+ */
+#ifndef ON_HUB_H
+#define ON_HUB_H
+
+#include "app.h"
+#include "event.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct on_hub on_hub_t;
+struct on_client;
+
+/* Creates the hub (borrows `app`; app->redis_sub, redis_pub and pg must exist). Returns 0 and
+ * *out, or UV_ENOMEM. */
+int on_hub_new(on_app_t *app, on_hub_t **out);
+/* Releases the hub once every client has left; `done(ud)` fires from the loop. */
+void on_hub_close(on_hub_t *h, void (*done)(void *ud), void *ud);
+
+/*
+ * Adds a connected client to its user's entry (SUBSCRIBE on the first one). The hub calls
+ * on_client_start() when the subscription is in effect (maybe later, from the loop; never
+ * from inside this call). Returns 0 or UV_ENOMEM (the client is then not in the hub).
+ */
+int on_hub_join(on_hub_t *h, struct on_client *c);
+/* Removes a client (UNSUBSCRIBE after the user's last one). Safe for clients never joined. */
+void on_hub_leave(on_hub_t *h, struct on_client *c);
+
+/* Records that `id` reached the client's sockets another way (its resume replay), so a later
+ * re-publish of it is not shown again. */
+void on_hub_mark_seen(on_hub_t *h, struct on_client *c, int64_t id);
+
+/* Connected WebSocket clients. */
+size_t on_hub_clients(const on_hub_t *h);
+/* Starts the closing handshake with `code` on every client (SIGTERM: 1001). */
+void on_hub_close_all(on_hub_t *h, uint16_t code);
+
+/* The subscribing Redis link changed state (from cm_redis on_state). */
+void on_hub_redis_state(on_hub_t *h, int up);
+
+/* A Redis message (an event or a sync marker) for entry `ud` (the hub's subscription
+ * callback; public for tests). */
+void on_hub_message(cm_redis_t *r, const char *channel, const char *payload, size_t len,
+                    void *ud);
+
+#endif
