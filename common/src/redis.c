@@ -312,8 +312,8 @@ int cm_redis_url_parse(const char *url, cm_redis_url_t *out)
         out->port = (int)port;
     }
     if (uri.userInfo.first) {
-        const char *colon = memchr(uri.userInfo.first, ':',
-                                   (size_t)(uri.userInfo.afterLast - uri.userInfo.first));
+        const char *colon =
+            memchr(uri.userInfo.first, ':', (size_t)(uri.userInfo.afterLast - uri.userInfo.first));
         const char *user_end = colon ? colon : uri.userInfo.afterLast;
         if (copy_range(out->user, sizeof out->user, uri.userInfo.first, user_end, 1) != 0)
             goto done;
@@ -652,8 +652,8 @@ static void schedule_reconnect(cm_redis_t *r)
     /* Jitter: somewhere in [d/2, d], so replicas do not reconnect in lockstep. */
     if (d > 1)
         d = d / 2 + next_rand(r) % (d / 2 + 1);
-    r->backoff_ms = r->backoff_ms * 2 > r->cfg.backoff_max_ms ? r->cfg.backoff_max_ms
-                                                              : r->backoff_ms * 2;
+    r->backoff_ms =
+        r->backoff_ms * 2 > r->cfg.backoff_max_ms ? r->cfg.backoff_max_ms : r->backoff_ms * 2;
     if (r->backoff_ms < r->cfg.backoff_min_ms)
         r->backoff_ms = r->cfg.backoff_min_ms;
     uv_timer_start(&r->conn_timer, on_conn_timer, d, 0);
@@ -961,8 +961,8 @@ int cm_redis_command_argv(cm_redis_t *r, cm_redis_reply_fn cb, void *ud, int arg
     c->cb = cb;
     c->ud = ud;
     if (redisAsyncCommandArgv(r->ac, on_cmd_reply, c, argc, argv, argvlen) != REDIS_OK) {
-        int err = (r->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING)) ? UV_ENOTCONN
-                                                                           : UV_ENOMEM;
+        int err =
+            (r->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING)) ? UV_ENOTCONN : UV_ENOMEM;
         cmd_put(r, c);
         return err;
     }
@@ -986,8 +986,8 @@ int cm_redis_command(cm_redis_t *r, cm_redis_reply_fn cb, void *ud, const char *
     int rc = redisvAsyncCommand(r->ac, on_cmd_reply, c, fmt, ap);
     va_end(ap);
     if (rc != REDIS_OK) {
-        int err = (r->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING)) ? UV_ENOTCONN
-                                                                           : UV_EINVAL;
+        int err =
+            (r->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING)) ? UV_ENOTCONN : UV_EINVAL;
         cmd_put(r, c);
         return err;
     }

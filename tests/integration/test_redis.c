@@ -75,8 +75,7 @@ static void on_closed(void *ud)
     closed++;
 }
 
-static cm_redis_t *open_client(uv_loop_t *loop, state_t *st, uint64_t timeout_ms,
-                               const char *name)
+static cm_redis_t *open_client(uv_loop_t *loop, state_t *st, uint64_t timeout_ms, const char *name)
 {
     cm_redis_config_t cfg;
     cm_redis_config_defaults(&cfg);
@@ -141,10 +140,13 @@ static int servers_ctl(const char *what)
     /* scripts/servers.sh, found from this file's path (tests/integration/test_redis.c). */
     char src[512];
     snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strstr(src, "/tests/integration/");
-    if (!slash)
+    char *at = strstr(src, "tests/integration/");
+    if (!at)
         return -1;
-    *slash = '\0';
+    if (at == src)
+        strcpy(src, ".");
+    else
+        at[-1] = '\0';
     snprintf(cmd, sizeof cmd, "%s/scripts/servers.sh %s %s >/dev/null 2>&1", src, what, dir);
     return system(cmd);
 }
@@ -374,8 +376,8 @@ static void on_message(cm_redis_t *r, const char *channel, const char *payload, 
 }
 
 /* Publishes `payload` every 20 ms until the subscriber got one more message. */
-static int publish_until(uv_loop_t *loop, cm_redis_t *pub, const char *channel,
-                         const char *payload, msgs_t *m, uint64_t ms)
+static int publish_until(uv_loop_t *loop, cm_redis_t *pub, const char *channel, const char *payload,
+                         msgs_t *m, uint64_t ms)
 {
     int want = m->n + 1;
     uint64_t end = uv_now(loop) + ms;

@@ -127,9 +127,9 @@ static void too_long(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(defaults),     cmocka_unit_test(full_form), cmocka_unit_test(password_only),
-        cmocka_unit_test(ipv6_host),    cmocka_unit_test(unix_socket), cmocka_unit_test(bad_scheme),
-        cmocka_unit_test(bad_port),     cmocka_unit_test(bad_db),    cmocka_unit_test(too_long),
+        cmocka_unit_test(defaults),  cmocka_unit_test(full_form),   cmocka_unit_test(password_only),
+        cmocka_unit_test(ipv6_host), cmocka_unit_test(unix_socket), cmocka_unit_test(bad_scheme),
+        cmocka_unit_test(bad_port),  cmocka_unit_test(bad_db),      cmocka_unit_test(too_long),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

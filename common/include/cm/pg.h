@@ -28,17 +28,16 @@ struct pg_result;
 typedef struct cm_pg_config {
     /* DATABASE_URL: a libpq URI or key=value string (expand_dbname); borrowed, copied. */
     const char *conninfo;
-    int pool_size;               /* connections for queries; default 4 */
-    uint64_t connect_timeout_ms; /* per connect attempt, ms; default 2000 */
-    uint64_t backoff_min_ms;     /* reconnect delay after the first failure, ms; default 100 */
-    uint64_t backoff_max_ms;     /* cap of the doubling delay (with jitter), ms; default 5000 */
-    int keepalive_idle_s;        /* libpq keepalives_idle, s; default 5 (interval 2, count 3) */
+    int pool_size;                /* connections for queries; default 4 */
+    uint64_t connect_timeout_ms;  /* per connect attempt, ms; default 2000 */
+    uint64_t backoff_min_ms;      /* reconnect delay after the first failure, ms; default 100 */
+    uint64_t backoff_max_ms;      /* cap of the doubling delay (with jitter), ms; default 5000 */
+    int keepalive_idle_s;         /* libpq keepalives_idle, s; default 5 (interval 2, count 3) */
     const char *application_name; /* borrowed, copied; may be NULL */
     /* Optional: when set, a dedicated LISTEN connection is opened. channel and payload are
      * borrowed for the call. Statements such as LISTEN go through cm_pg_listen_query (they
      * must be issued again by the caller after every reconnect: on_state tells when). */
-    void (*on_notify)(cm_pg_t *pg, const char *channel, const char *payload, int be_pid,
-                      void *ud);
+    void (*on_notify)(cm_pg_t *pg, const char *channel, const char *payload, int be_pid, void *ud);
     /* Up/down transitions, each reported once. `listen` is 0 for the pool (up = at least one
      * pool connection is up) and 1 for the LISTEN connection. `error` is borrowed, NULL when
      * up. May be NULL. */
