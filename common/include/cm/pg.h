@@ -67,7 +67,8 @@ typedef void (*cm_pg_result_fn)(cm_pg_t *pg, const struct pg_result *res, const 
                                 void *ud);
 
 /* Runs a parameterised statement (text params, text results: numeric stays a string exactly as
- * stored). sql and params are borrowed (copied before return); a NULL param is SQL NULL.
+ * stored). One statement per call (extended protocol). sql and params are borrowed (copied
+ * before return); a NULL param is SQL NULL. cb is required; ud is passed back.
  * Queued while every pool connection is busy. timeout_ms counts from this call, 0 = none; a
  * statement not answered in time gets error "timeout" and its connection is dropped and
  * reopened (PQcancel is blocking). Returns 0 (cb will fire), UV_ENOTCONN when no pool
@@ -86,7 +87,7 @@ int cm_pg_listen_query(cm_pg_t *pg, const char *sql, int nparams, const char *co
  * statements get "connection lost: reset", on_state(listen=1, up=0) fires, then up again. */
 void cm_pg_listen_reset(cm_pg_t *pg);
 
-/* Counters for metrics. */
+/* Copies the counters for metrics into the caller's `out`. */
 typedef struct cm_pg_stats {
     uint64_t reconnects; /* successful connects after each connection's first one */
     uint64_t timeouts;   /* statements answered "timeout" */

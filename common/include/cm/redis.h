@@ -78,6 +78,8 @@ int cm_redis_is_up(const cm_redis_t *r);
 typedef void (*cm_redis_reply_fn)(cm_redis_t *r, struct redisReply *reply, int status, void *ud);
 
 /* Sends a command in argv form (binary safe; argv and argvlen borrowed, copied before return).
+ * Not for (P)SUBSCRIBE/UNSUBSCRIBE/MONITOR (use cm_redis_subscribe), and on a subscribed
+ * connection only error replies come back in RESP2 (use cm_redis_ping for liveness there).
  * argvlen may be NULL for NUL-terminated arguments. Returns 0 (cb will fire), UV_ENOTCONN when
  * the link is down, UV_EINVAL, or UV_ENOMEM (cb will not fire). cb may be NULL (fire and
  * forget). */
@@ -102,10 +104,11 @@ int cm_redis_subscribe(cm_redis_t *r, const char *channel, cm_redis_message_fn c
 /* Forgets a subscription (and UNSUBSCRIBEs when up). Returns 0 or UV_ENOENT. */
 int cm_redis_unsubscribe(cm_redis_t *r, const char *channel);
 
-/* Counters for metrics (redis_reconnects_total, redis_command_timeouts_total...). */
+/* Copies the counters for metrics (redis_reconnects_total, redis_command_timeouts_total...)
+ * into the caller's `out`. */
 typedef struct cm_redis_stats {
     uint64_t reconnects; /* successful connects after the first one */
-    uint64_t timeouts;   /* commands answered UV_ETIMEDOUT */
+    uint64_t timeouts;   /* commands, PINGs and health probes that missed their deadline */
     uint64_t errors;     /* failed connect attempts and lost links */
     double last_ping_ms; /* latency of the last successful PING (health or cm_redis_ping), ms */
 } cm_redis_stats_t;
