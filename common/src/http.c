@@ -37,6 +37,9 @@
 /* After our FIN, how long unread input is drained before the socket is closed: closing with
  * unread data makes the kernel send RST, which can destroy the response still in flight. */
 #define LINGER_MS 2000
+/* Unsent response bytes above which a connection stops reading requests: a client that
+ * pipelines without reading must not grow our memory without bound. */
+#define WRITE_QUEUE_MAX (1024 * 1024)
 #define LISTEN_BACKLOG 1024
 
 enum tmode { T_NONE = 0, T_HEADER, T_IDLE, T_LINGER, T_DEFER };
@@ -86,7 +89,7 @@ struct cm_http_conn {
     int closed; /* both handles closed */
     int busy; /* a request is with the handler */
     int in_feed;
-    int reading, user_paused, peer_eof;
+    int reading, user_paused, peer_eof, write_blocked;
     int raw, raw_closed_cb_done;
     cm_http_raw_cbs_t raw_cbs;
     void *raw_ud;
@@ -225,8 +228,16 @@ static void on_write(uv_write_t *w, int status)
     wreq_t *r = (wreq_t *)w;
     cm_http_conn_t *c = r->conn;
     cm_free(r);
-    if (status < 0 && status != UV_ECANCELED)
+    if (status < 0 && status != UV_ECANCELED) {
         conn_close_now(c);
+        return;
+    }
+    if (c->write_blocked && c->state == C_OPEN &&
+        uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) < WRITE_QUEUE_MAX / 2) {
+        c->write_blocked = 0;
+        if (!c->in_feed && !c->busy)
+            conn_after_feed(c);
+    }
 }
 
 /* Writes a then b (either may be empty): uv_try_write first, the rest copied into one uv_write.
@@ -349,7 +360,9 @@ static void conn_shutdown(cm_http_conn_t *c)
     if (c->state != C_OPEN)
         return;
     c->state = C_SHUTDOWN;
-    c->tmode = T_NONE;
+    /* uv_shutdown waits for queued writes; a peer that never reads gets the idle timeout to
+     * take them, then the socket is closed anyway. */
+    timer_arm(c, T_LINGER, c->srv->cfg.idle_timeout_ms);
     c->shut.data = c;
     if (uv_shutdown(&c->shut, (uv_stream_t *)&c->tcp, on_shutdown) < 0)
         conn_close_now(c);
@@ -764,6 +777,11 @@ static void conn_after_feed(cm_http_conn_t *c)
             timer_arm(c, T_HEADER, cfg->header_timeout_ms);
     } else {
         timer_arm(c, T_IDLE, cfg->idle_timeout_ms);
+    }
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > WRITE_QUEUE_MAX) {
+        c->write_blocked = 1;
+        conn_read_stop(c);
+        return;
     }
     conn_read_start(c);
 }

@@ -47,9 +47,12 @@ struct client {
     int val[16];
 };
 
-static int cli_connect(int port)
+/* rcvbuf > 0 shrinks the receive buffer (before connect, so the window is small). */
+static int cli_connect_rcvbuf(int port, int rcvbuf)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (rcvbuf > 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     struct sockaddr_in a;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
@@ -64,6 +67,11 @@ static int cli_connect(int port)
         return -1;
     }
     return fd;
+}
+
+static int cli_connect(int port)
+{
+    return cli_connect_rcvbuf(port, 0);
 }
 
 static void cli_send(int fd, const void *p, size_t n)
@@ -251,6 +259,8 @@ static void handler(cm_http_request_t *req, void *ud)
         respond_later(req, 30, "stopping");
     } else if (strcmp(p, "/big") == 0) {
         cm_http_respond(req, 200, "application/octet-stream", NULL, BIG, sizeof BIG);
+    } else if (strcmp(p, "/kb") == 0) {
+        cm_http_respond(req, 200, "application/octet-stream", NULL, BIG, 4096);
     } else if (strcmp(p, "/upgrade") == 0) {
         static const char head[] =
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n";
@@ -366,6 +376,11 @@ static void c_keepalive(client_t *cl)
     cli_sends(fd, "POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                   "3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\n");
     cli_read_response(fd, cl_slot(cl), RESP_MAX, 0);
+    /* Expect: 100-continue gets the interim answer before the body is sent. */
+    cli_sends(fd, "POST /e HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    cli_read_response(fd, cl_slot(cl), RESP_MAX, 1);
+    cli_sends(fd, "world");
+    cli_read_response(fd, cl_slot(cl), RESP_MAX, 0);
     cli_sends(fd, "GET /d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     cli_read_response(fd, cl_slot(cl), RESP_MAX, 0);
     cl->val[0] = cli_wait_eof(fd);
@@ -385,10 +400,12 @@ static void keepalive_and_close(void **state)
     assert_non_null(strstr(RESP(1), "\r\n\r\nPOST /b q= h=- body=hello"));
     assert_null(strstr(RESP(1), "Connection:"));
     assert_non_null(strstr(RESP(2), "\r\n\r\nPOST /c q= h=- body=abcde"));
-    assert_non_null(strstr(RESP(3), "Connection: close\r\n"));
-    assert_non_null(strstr(RESP(3), "GET /d"));
+    assert_string_equal(RESP(3), "HTTP/1.1 100 Continue\r\n\r\n");
+    assert_non_null(strstr(RESP(4), "\r\n\r\nPOST /e q= h=- body=world"));
+    assert_non_null(strstr(RESP(5), "Connection: close\r\n"));
+    assert_non_null(strstr(RESP(5), "GET /d"));
     assert_int_equal(fx.cl->val[0], 1);
-    assert_int_equal(fx.observed, 4);
+    assert_int_equal(fx.observed, 5);
     assert_string_equal(fx.routes[0], "unmatched");
 }
 
@@ -807,6 +824,61 @@ static void large_response_queued(void **state)
     assert_non_null(strstr(RESP(0), "GET /after"));
 }
 
+/* A client that pipelines a flood of requests and reads nothing for a while: every answer
+ * still arrives, in order, and the server stops reading instead of queueing without bound. */
+static void c_flood(client_t *cl)
+{
+    /* 4 KiB answers: 12 MiB in all, more than the kernel buffers on both sides can absorb. */
+    static const char one[] = "GET /kb HTTP/1.1\r\nHost: t\r\n\r\n";
+    enum { N = 3000 };
+    int fd = cli_connect_rcvbuf(cl->port, 16384);
+    cli_sends(fd, one);
+    int rlen = cli_read_response(fd, cl_slot(cl), RESP_MAX, 0);
+    static char out[N * (sizeof one - 1)];
+    for (size_t i = 0; i < N; i++)
+        memcpy(out + i * (sizeof one - 1), one, sizeof one - 1);
+    size_t sent = 0, total = sizeof out, got = 0, want = (size_t)rlen * N;
+    while (sent < total) { /* phase 1: send without reading */
+        ssize_t w = send(fd, out + sent, total - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (w <= 0)
+            break;
+        sent += (size_t)w;
+    }
+    sleep_ms(200);
+    static char in[65536];
+    int ok = 1;
+    while (got < want) {
+        if (sent < total) {
+            ssize_t w = send(fd, out + sent, total - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (w > 0)
+                sent += (size_t)w;
+        }
+        ssize_t r = recv(fd, in, sizeof in, sent < total ? MSG_DONTWAIT : 0);
+        if (r == 0 || (r < 0 && sent >= total)) {
+            ok = 0;
+            break;
+        }
+        if (r > 0)
+            got += (size_t)r;
+    }
+    cl->val[0] = ok;
+    cl->val[1] = (int)(got / 1024);
+    cl->val[2] = (int)(want / 1024);
+    close(fd);
+}
+
+static void pipelined_flood_without_reading(void **state)
+{
+    (void)state;
+    fixture_t fx;
+    cm_http_config_t cfg;
+    base_config(&cfg);
+    run(&fx, &cfg, c_flood);
+    assert_int_equal(fx.cl->val[0], 1);
+    assert_int_equal(fx.cl->val[1], fx.cl->val[2]);
+    assert_int_equal(fx.observed, 3001);
+}
+
 /* Garbage, mutated and truncated requests over real sockets: the server must neither crash nor
  * leak (ASan/LSan builds), and must still answer a good request at the end. */
 static void c_fuzz(client_t *cl)
@@ -982,6 +1054,7 @@ int main(void)
         cmocka_unit_test(graceful_stop),
         cmocka_unit_test(upgrade_raw),
         cmocka_unit_test(large_response_queued),
+        cmocka_unit_test(pipelined_flood_without_reading),
         cmocka_unit_test(fuzz_garbage),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
