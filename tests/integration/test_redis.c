@@ -624,6 +624,66 @@ static void close_from_callback(void **state)
     assert_int_equal(cm_alloc_live(), live);
 }
 
+/* AUTH with an ACL user (percent-encoded password) and SELECT; a wrong password fails the
+ * handshake, is reported down once and retried without crashing. */
+static void auth_and_select(void **state)
+{
+    (void)state;
+    long live = cm_alloc_live();
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    state_t sa = {0};
+    cm_redis_t *admin = open_client(&loop, &sa, 1000, "admin");
+    reply_t acl = {0};
+    assert_int_equal(
+        cm_redis_command(admin, on_reply, &acl, "ACL SETUSER cmtest on >p@ss:w0rd ~* &* +@all"), 0);
+    assert_true(run_until(&loop, &acl.calls, 1, 1000));
+    assert_string_equal(acl.str, "OK");
+
+    cm_redis_url_t u;
+    assert_int_equal(cm_redis_url_parse(redis_url, &u), 0);
+    char url[512];
+    snprintf(url, sizeof url, "redis://cmtest:p%%40ss%%3Aw0rd@%s:%d/2", u.host, u.port);
+    state_t st = {0};
+    cm_redis_config_t cfg;
+    cm_redis_config_defaults(&cfg);
+    cfg.url = url;
+    cfg.on_state = on_state;
+    cfg.ud = &st;
+    cm_redis_t *r;
+    assert_int_equal(cm_redis_open(&loop, &cfg, &r), 0);
+    assert_true(run_until(&loop, &st.ups, 1, 2000));
+    reply_t who = {0}, set = {0}, get0 = {0};
+    assert_int_equal(cm_redis_command(r, on_reply, &who, "ACL WHOAMI"), 0);
+    assert_int_equal(cm_redis_command(r, on_reply, &set, "SET cm:test:db2 yes"), 0);
+    assert_true(run_until(&loop, &set.calls, 1, 1000));
+    assert_string_equal(who.str, "cmtest");
+    /* Written in db 2, so db 0 (admin) does not see it. */
+    assert_int_equal(cm_redis_command(admin, on_reply, &get0, "EXISTS cm:test:db2"), 0);
+    assert_true(run_until(&loop, &get0.calls, 1, 1000));
+    assert_string_equal(get0.str, "0");
+    close_client(&loop, r);
+
+    snprintf(url, sizeof url, "redis://cmtest:wrong@%s:%d/0", u.host, u.port);
+    state_t bad = {0};
+    cfg.url = url;
+    cfg.ud = &bad;
+    cfg.backoff_min_ms = 10;
+    cfg.backoff_max_ms = 20;
+    assert_int_equal(cm_redis_open(&loop, &cfg, &r), 0);
+    run_for(&loop, 150);
+    assert_int_equal(bad.downs, 1);
+    assert_int_equal(bad.ups, 0);
+    close_client(&loop, r);
+
+    reply_t del = {0};
+    assert_int_equal(cm_redis_command(admin, on_reply, &del, "ACL DELUSER cmtest"), 0);
+    assert_true(run_until(&loop, &del.calls, 1, 1000));
+    close_client(&loop, admin);
+    finish_loop(&loop);
+    assert_int_equal(cm_alloc_live(), live);
+}
+
 int main(void)
 {
     redis_url = getenv("REDIS_URL");
@@ -636,6 +696,7 @@ int main(void)
         cmocka_unit_test(bad_config),
         cmocka_unit_test(set_get_round_trip),
         cmocka_unit_test(ping_latency),
+        cmocka_unit_test(auth_and_select),
         cmocka_unit_test(command_timeout),
         cmocka_unit_test(stalled_server),
         cmocka_unit_test(pubsub_and_resubscribe),
