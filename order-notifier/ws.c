@@ -17,6 +17,7 @@ struct on_ws {
     size_t in_len;
     int failed;
     int closing; /* we asked to close: later input is dropped */
+    int in_recv; /* inside wslay_event_recv: queue only, on_ws_feed flushes afterwards */
 };
 
 int on_ws_accept_key(const char *key, size_t len, char out[ON_WS_ACCEPT_LEN])
@@ -132,6 +133,8 @@ static int flush(on_ws_t *ws)
 {
     if (ws->failed)
         return UV_EPIPE;
+    if (ws->in_recv)
+        return 0; /* wslay is not re-entrant: on_ws_feed sends once the input is processed */
     if (wslay_event_want_write(ws->ctx) && wslay_event_send(ws->ctx) != 0) {
         ws->failed = 1;
         return UV_EPIPE;
@@ -147,7 +150,9 @@ int on_ws_feed(on_ws_t *ws, const uint8_t *data, size_t len)
         return 0; /* after a close: further input means nothing (RFC 6455 §5.5.1) */
     ws->in = data;
     ws->in_len = len;
+    ws->in_recv = 1;
     int rc = wslay_event_recv(ws->ctx);
+    ws->in_recv = 0;
     ws->in = NULL;
     ws->in_len = 0;
     if (rc != 0) {

@@ -1,0 +1,669 @@
+"""order-notifier end to end: real Postgres, Redis and daemons, WebSocket clients.
+
+Every test uses its own PG_CHANNEL, advisory lock key and user ids, so tests never see each
+other's events (the writer sets markets.order_channel in its session, which the trigger reads).
+The helpers here are shared with test_notifier_faults.py.
+"""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+import threading
+import time
+import uuid
+
+import psycopg2
+import pytest
+import websocket
+
+from conftest import http_request
+
+SECRET = "e2e-secret-for-the-order-notifier-tests"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_token(sub, exp_in=3600, scope=None, alg="HS256", secret=SECRET, claims=None):
+    header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = {"sub": sub, "exp": int(time.time()) + exp_in} if claims is None else claims
+    if scope:
+        body["scope"] = scope
+    payload = b64url(json.dumps(body).encode())
+    signing = f"{header}.{payload}".encode()
+    sig = b64url(hmac.new(secret.encode(), signing, hashlib.sha256).digest()) if alg != "none" else ""
+    return f"{header}.{payload}.{sig}"
+
+
+def uid(prefix="u"):
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def notifier_env(**extra):
+    """Settings of one test: own channel and lock so concurrent leftovers cannot interfere."""
+    env = {
+        "JWT_SECRET": SECRET,
+        "PG_CHANNEL": "t_" + uuid.uuid4().hex[:12],
+        "NOTIFIER_LOCK_KEY": str(int(uuid.uuid4().int % 2_000_000_000)),
+        "NOTIFIER_LOCK_RETRY_MS": "200",
+        "NOTIFIER_LIVENESS_MS": "500",
+        "REDIS_TIMEOUT_MS": "500",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Writer:
+    """A Postgres session whose order changes NOTIFY the test's channel."""
+
+    def __init__(self, servers, channel):
+        self.conn = psycopg2.connect(servers.psql_dsn())
+        self.conn.autocommit = True
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT set_config('markets.order_channel', %s, false)", (channel,))
+
+    def create(self, user, market="BTC-USD", side="buy", price="100.5", quantity="2"):
+        with self.conn.cursor() as cur:
+            cur.execute("INSERT INTO orders (user_id, market, side, price, quantity) "
+                        "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                        (user, market, side, price, quantity))
+            return cur.fetchone()[0]
+
+    def fill(self, order_id, filled):
+        with self.conn.cursor() as cur:
+            cur.execute("UPDATE orders SET filled_quantity = %s, status = 'partially_filled', "
+                        "updated_at = now() WHERE id = %s", (filled, order_id))
+
+    def last_event_id(self, user):
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT max(id) FROM order_events WHERE user_id = %s", (user,))
+            return cur.fetchone()[0] or 0
+
+    def event_ids(self, user, after=0):
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT id FROM order_events WHERE user_id = %s AND id > %s ORDER BY id",
+                        (user, after))
+            return [r[0] for r in cur.fetchall()]
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def writer_for(servers):
+    made = []
+
+    def make(daemon):
+        w = Writer(servers, daemon.env["PG_CHANNEL"])
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def ws_url(daemon, token=None, last_event_id=None):
+    url = f"ws://127.0.0.1:{daemon.port}/ws/orders"
+    params = []
+    if token:
+        params.append("access_token=" + token)
+    if last_event_id is not None:
+        params.append(f"last_event_id={last_event_id}")
+    return url + ("?" + "&".join(params) if params else "")
+
+
+def connect(daemon, user, scope=None, last_event_id=None, timeout=5, **kw):
+    """Connects, checks the welcome frame, returns the socket."""
+    ws = websocket.create_connection(ws_url(daemon, make_token(user, scope=scope), last_event_id),
+                                     timeout=timeout, **kw)
+    welcome = json.loads(ws.recv())
+    assert welcome == {"type": "welcome", "user_id": user, "resumed_from": last_event_id}
+    return ws
+
+
+def recv_json(ws, timeout=5):
+    ws.settimeout(timeout)
+    while True:
+        op, data = ws.recv_data(control_frame=False)
+        if op == websocket.ABNF.OPCODE_TEXT:
+            return json.loads(data)
+        if op == websocket.ABNF.OPCODE_CLOSE:
+            raise ConnectionError(f"closed {struct.unpack('!H', data[:2])[0] if data else None}")
+
+
+def recv_updates(ws, count, timeout=10):
+    """Reads `count` order_update frames (other frames are skipped)."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            msg = recv_json(ws, timeout=left)
+        except websocket.WebSocketTimeoutException:
+            break
+        if msg.get("type") == "order_update":
+            out.append(msg)
+    return out
+
+
+def recv_until_quiet(ws, quiet=0.5):
+    out = []
+    while True:
+        try:
+            msg = recv_json(ws, timeout=quiet)
+        except websocket.WebSocketTimeoutException:
+            return out
+        if msg.get("type") == "order_update":
+            out.append(msg)
+
+
+def close_code(ws, timeout=5):
+    """Reads until a close frame and returns its status code (None without one)."""
+    ws.settimeout(timeout)
+    while True:
+        try:
+            op, data = ws.recv_data(control_frame=True)
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            return None
+        if op == websocket.ABNF.OPCODE_CLOSE:
+            return struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 0
+
+
+def metric(daemon, name):
+    _, _, body = http_request("GET", daemon.url + "/metrics")
+    total, found = 0.0, False
+    for line in body.decode().splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == name or key.startswith(name + "{"):
+            total += float(value)
+            found = True
+    return total if found else None
+
+
+def wait_for(pred, timeout=10.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()
+
+
+def wait_leader(*daemons, timeout=10):
+    def one():
+        leaders = [d for d in daemons if metric(d, "notifier_leader") == 1]
+        return leaders[0] if len(leaders) == 1 else None
+    leader = wait_for(one, timeout)
+    assert leader, "no single leader"
+    return leader
+
+
+def raw_ws(daemon, token, extra_headers=b"", rcvbuf=None, welcome=True):
+    """A raw socket after a successful upgrade (for frames a client library will not send, and
+    close codes such as 1013 that websocket-client refuses to parse)."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", daemon.port))
+    key = base64.b64encode(os.urandom(16))
+    s.sendall(b"GET /ws/orders?access_token=" + token.encode() + b" HTTP/1.1\r\n"
+              b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n" +
+              extra_headers + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    expect = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    assert b"Sec-WebSocket-Accept: " + expect in head
+    if welcome:
+        # The welcome frame (short, unmasked): 2 header bytes then the JSON.
+        hdr = s.recv(2, socket.MSG_WAITALL)
+        assert hdr[0] == 0x81 and hdr[1] < 126, hdr
+        assert json.loads(s.recv(hdr[1], socket.MSG_WAITALL))["type"] == "welcome"
+    return s
+
+
+def client_frame(opcode, payload, fin=True, masked=True):
+    first = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if masked else 0
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", first, mask_bit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", first, mask_bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def read_frames(s, timeout=3):
+    """Server frames until EOF: [(opcode, payload)]."""
+    s.settimeout(timeout)
+    buf = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    frames, i = [], 0
+    while i + 2 <= len(buf):
+        op, n = buf[i] & 0x0F, buf[i + 1] & 0x7F
+        i += 2
+        if n == 126:
+            n = struct.unpack("!H", buf[i:i + 2])[0]
+            i += 2
+        elif n == 127:
+            n = struct.unpack("!Q", buf[i:i + 8])[0]
+            i += 8
+        frames.append((op, buf[i:i + n]))
+        i += n
+    return frames
+
+
+def close_code_of(frames):
+    for op, data in frames:
+        if op == 8:
+            return struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 0
+    return None
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+def test_handshake_rejections(start_daemon):
+    on = start_daemon("order-notifier", notifier_env(WS_ALLOWED_ORIGINS="https://ok.example"))
+    base = f"{on.url}/ws/orders"
+    up = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    good = make_token("u1")
+    # A plain GET: 426 with the protocol to switch to.
+    status, headers, body = http_request("GET", base + "?access_token=" + good)
+    assert status == 426 and headers["upgrade"] == "websocket"
+    assert json.loads(body)["error"]["code"] == "upgrade_required"
+    # Tokens: missing, wrong signature, expired, alg none, no sub.
+    assert http_request("GET", base, headers=up)[0] == 401
+    for bad in (make_token("u1", secret="wrong"), make_token("u1", exp_in=-5),
+                make_token("u1", alg="none"), make_token(None, claims={"exp": 2**40}),
+                "not.a.jwt"):
+        status, headers, _ = http_request("GET", base + "?access_token=" + bad, headers=up)
+        assert status == 401, bad
+        assert headers["www-authenticate"].startswith("Bearer")
+    # Origin: listed passes, others 403 (before the token is even looked at).
+    status, headers, _ = http_request("GET", base + "?access_token=" + good,
+                                      headers={**up, "Origin": "https://evil.example"})
+    assert status == 403
+    status, headers, _ = http_request("GET", base, headers={**up, "Origin": "https://ok.example",
+                                                            "Authorization": "Bearer " + good})
+    assert status == 101 and headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    # Resume ids must be numbers.
+    status, _, _ = http_request("GET", base + "?last_event_id=abc&access_token=" + good, headers=up)
+    assert status == 400
+
+
+def test_connection_limit(start_daemon):
+    on = start_daemon("order-notifier", notifier_env(WS_MAX_CONNECTIONS=2))
+    a, b = connect(on, uid()), connect(on, uid())
+    with pytest.raises(websocket.WebSocketBadStatusException) as err:
+        websocket.create_connection(ws_url(on, make_token(uid())), timeout=5)
+    assert err.value.status_code == 503
+    a.close()
+    wait_for(lambda: metric(on, "ws_connections") == 1)
+    connect(on, uid()).close()
+    b.close()
+
+
+def test_update_reaches_only_its_user(start_daemon, writer_for):
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    alice, bob = uid("alice"), uid("bob")
+    wa, wb = connect(on, alice), connect(on, bob)
+    ops = connect(on, uid("ops"), scope="orders:read orders:read:all")
+    oid = w.create(alice)
+    w.fill(oid, "1")
+    got = recv_updates(wa, 2)
+    assert [m["event_type"] for m in got] == ["order.created", "order.updated"]
+    assert got[1]["order"] == {
+        "id": oid, "user_id": alice, "market": "BTC-USD", "side": "buy", "price": "100.5",
+        "quantity": "2", "filled_quantity": "1", "status": "partially_filled",
+        "updated_at": got[1]["order"]["updated_at"]}
+    assert got[0]["event_id"] < got[1]["event_id"]
+    assert recv_until_quiet(wb, 0.5) == []
+    seen = [m["event_id"] for m in recv_updates(ops, 2)]
+    assert seen == [m["event_id"] for m in got]
+    # The application-level ping.
+    wa.send('{"type":"ping"}')
+    assert recv_json(wa) == {"type": "pong"}
+    for s in (wa, wb, ops):
+        s.close()
+    assert metric(on, "order_events_published_total") >= 2
+    assert metric(on, "notifier_leader") == 1
+
+
+def test_allow_list_keeps_other_columns_out(start_daemon, writer_for, servers):
+    """A column added to orders later never reaches Redis or a socket, even if a payload (the
+    trigger's, or a hand-written NOTIFY) carries it."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    with w.conn.cursor() as cur:
+        cur.execute("ALTER TABLE orders ADD COLUMN IF NOT EXISTS email text")
+        cur.execute("ALTER TABLE orders ADD COLUMN IF NOT EXISTS note text")
+    # Listen on Redis directly, as another replica would.
+    r = socket.create_connection(("127.0.0.1", servers.redis_port), timeout=5)
+    chan = f"orders:user:{user}".encode()
+    r.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(chan), chan))
+    r.recv(4096)
+    ws = connect(on, user)
+    with w.conn.cursor() as cur:
+        cur.execute("INSERT INTO orders (user_id, market, side, price, quantity, email, note) "
+                    "VALUES (%s, 'ETH-USD', 'sell', 10, 1, 'leak@example.com', 'SECRET-NOTE') "
+                    "RETURNING id", (user,))
+        oid = cur.fetchone()[0]
+        # A hostile outbox row and NOTIFY with extra fields, as a careless trigger might write.
+        payload = {"id": oid, "user_id": user, "market": "ETH-USD", "side": "sell",
+                   "price": "10", "quantity": "1", "filled_quantity": "0", "status": "open",
+                   "updated_at": "2026-11-29T20:00:00.000000Z", "email": "leak@example.com",
+                   "note": "SECRET-NOTE", "wallet": {"key": "SECRET-KEY"}}
+        cur.execute("INSERT INTO order_events (order_id, user_id, event_type, payload) "
+                    "VALUES (%s, %s, 'order.updated', %s) RETURNING id",
+                    (oid, user, json.dumps(payload)))
+        eid = cur.fetchone()[0]
+        cur.execute("SELECT pg_notify(%s, %s)", (on.env["PG_CHANNEL"], json.dumps(
+            {"id": eid, "user_id": user, "event_type": "order.updated",
+             "created_at": str(time.time()), "order": payload})))
+    got = recv_updates(ws, 2)
+    assert len(got) == 2
+    for m in got:
+        assert set(m["order"]) == {"id", "user_id", "market", "side", "price", "quantity",
+                                   "filled_quantity", "status", "updated_at"}
+    time.sleep(0.3)
+    r.settimeout(1)
+    redis_bytes = b""
+    try:
+        while True:
+            chunk = r.recv(65536)
+            if not chunk:
+                break
+            redis_bytes += chunk
+    except socket.timeout:
+        pass
+    r.close()
+    assert redis_bytes.count(b"message") >= 2
+    for secret in (b"leak@example.com", b"SECRET-NOTE", b"SECRET-KEY", b"email", b"wallet"):
+        assert secret not in redis_bytes
+    ws.close()
+
+
+def test_big_event_is_read_from_the_outbox(start_daemon, writer_for):
+    """Over 8000 bytes the NOTIFY carries only the id; the event still arrives whole."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    ws = connect(on, user)
+    market = "M" * 9000
+    w.create(user, market=market)
+    got = recv_updates(ws, 1)
+    assert got and got[0]["order"]["market"] == market
+    ws.close()
+
+
+def test_resume_gives_exactly_the_missed_events(start_daemon, writer_for):
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    ws = connect(on, user)
+    oid = w.create(user)
+    first = recv_updates(ws, 1)[0]["event_id"]
+    ws.close()
+    for i in range(5):
+        w.fill(oid, str(i + 1))
+    missed = w.event_ids(user, after=first)
+    assert len(missed) == 5
+    ws = connect(on, user, last_event_id=first)
+    got = recv_updates(ws, 5)
+    assert [m["event_id"] for m in got] == missed
+    assert got[-1]["order"]["filled_quantity"] == "5"
+    # Then live ones, with nothing repeated.
+    w.fill(oid, "1.5")
+    live = recv_updates(ws, 1)
+    assert live and live[0]["event_id"] == w.last_event_id(user)
+    assert recv_until_quiet(ws, 0.5) == []
+    ws.close()
+    assert metric(on, "ws_resumes_total") == 1
+
+
+def test_resume_while_events_keep_committing(start_daemon, writer_for, servers):
+    """Replay and live events overlap: the client gets every event once, in a consistent order."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    oid = w.create(user)
+    for i in range(300):
+        w.fill(oid, str(i))
+    start = w.last_event_id(user) - 200
+    stop = threading.Event()
+
+    def keep_writing():
+        w2 = Writer(servers, on.env["PG_CHANNEL"])
+        n = 0
+        while not stop.is_set():
+            w2.fill(oid, str(1000 + n))
+            n += 1
+            time.sleep(0.002)
+        w2.close()
+
+    t = threading.Thread(target=keep_writing)
+    t.start()
+    try:
+        time.sleep(0.1)
+        ws = connect(on, user, last_event_id=start)
+        got = recv_updates(ws, 250, timeout=10)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+    got += recv_until_quiet(ws, 1.0)
+    ids = [m["event_id"] for m in got]
+    assert len(ids) == len(set(ids)), "duplicate events"
+    expected = w.event_ids(user, after=start)
+    assert ids[:200] == expected[:200]  # the replay, in id order
+    assert sorted(ids) == expected      # then every live event, none missing
+    ws.close()
+
+
+def test_two_replicas_deliver_each_event_once(start_daemon, writer_for):
+    env = notifier_env()
+    a = start_daemon("order-notifier", env)
+    b = start_daemon("order-notifier", env)
+    leader = wait_leader(a, b)
+    assert metric(a, "notifier_leader") + metric(b, "notifier_leader") == 1
+    w = writer_for(a)
+    user = uid()
+    ca, cb = connect(a, user), connect(b, user)
+    oid = w.create(user)
+    for i in range(20):
+        w.fill(oid, str(i))
+    expected = w.event_ids(user)
+    for c in (ca, cb):
+        got = [m["event_id"] for m in recv_updates(c, len(expected))]
+        got += [m["event_id"] for m in recv_until_quiet(c, 0.5)]
+        assert got == expected
+        c.close()
+    standby = b if leader is a else a
+    assert metric(standby, "order_events_published_total") == 0
+
+
+def test_bad_frames_get_the_right_close_code(start_daemon):
+    on = start_daemon("order-notifier", notifier_env())
+    cases = [
+        (client_frame(1, b"hi", masked=False), 1002),                 # unmasked client frame
+        (client_frame(1, b"a\xc3\x28z"), 1007),                       # invalid UTF-8
+        (client_frame(1, b"x" * 5000), 1009),                         # over 4 KiB
+        (client_frame(1, b"x" * 3000, fin=False) +
+         client_frame(0, b"x" * 3000), 1009),                         # fragments over 4 KiB
+        (client_frame(3, b"x"), 1002),                                # reserved opcode
+        (client_frame(0, b"x"), 1002),                                # continuation of nothing
+    ]
+    for data, code in cases:
+        s = raw_ws(on, make_token(uid()))
+        s.sendall(data)
+        frames = read_frames(s)
+        s.close()
+        assert close_code_of(frames) == code, (data[:8], frames)
+    # Fragmented text with a ping in the middle is fine, and a ping gets its pong.
+    s = raw_ws(on, make_token(uid()))
+    s.sendall(client_frame(1, b'{"type":', fin=False) + client_frame(9, b"p") +
+              client_frame(0, b'"ping"}'))
+    frames = read_frames(s, timeout=0.5)
+    assert (10, b"p") in frames and (1, b'{"type":"pong"}') in frames, frames
+    s.sendall(client_frame(8, struct.pack("!H", 1000)))
+    assert close_code_of(read_frames(s)) == 1000
+    s.close()
+    assert http_request("GET", on.url + "/healthz")[0] == 200
+
+
+def test_token_expiry_closes_with_1008(start_daemon):
+    on = start_daemon("order-notifier", notifier_env())
+    ws = websocket.create_connection(ws_url(on, make_token(uid(), exp_in=2)), timeout=5)
+    t0 = time.monotonic()
+    assert close_code(ws, timeout=5) == 1008
+    assert 0.5 < time.monotonic() - t0 < 4
+
+
+def test_silent_client_is_closed_and_pings_are_sent(start_daemon):
+    on = start_daemon("order-notifier", notifier_env(WS_PING_INTERVAL_MS=300))
+    s = raw_ws(on, make_token(uid()))
+    t0 = time.monotonic()
+    frames = read_frames(s, timeout=3)
+    elapsed = time.monotonic() - t0
+    s.close()
+    assert 9 in [op for op, _ in frames]           # protocol pings
+    assert close_code_of(frames) is not None       # then closed for silence
+    assert 0.5 < elapsed < 2.5
+    # A client that answers pings (websocket-client does) stays.
+    ws = connect(on, uid())
+    ws.settimeout(0.2)
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        try:
+            ws.recv()
+        except websocket.WebSocketTimeoutException:
+            pass
+    ws.send('{"type":"ping"}')
+    assert recv_json(ws) == {"type": "pong"}
+    ws.close()
+
+
+def test_slow_consumer_is_closed_with_1013(start_daemon, writer_for):
+    on = start_daemon("order-notifier", notifier_env(WS_SEND_QUEUE_MAX_BYTES=65536))
+    w = writer_for(on)
+    user = uid()
+    slow = raw_ws(on, make_token(user), rcvbuf=4096)
+    fast = connect(on, user)
+    other = connect(on, uid())
+    received = []
+    done = threading.Event()
+
+    def drain():
+        while not done.is_set():
+            try:
+                received.extend(m["event_id"] for m in recv_updates(fast, 10_000, timeout=0.5))
+            except Exception:
+                return
+
+    t = threading.Thread(target=drain)
+    t.start()
+    # Big events (about 4 KB each) fill the kernel buffers and then the server's queue.
+    oid = w.create(user, market="S" * 3500)
+    with w.conn.cursor() as cur:
+        for i in range(1500):
+            cur.execute("UPDATE orders SET filled_quantity = %s WHERE id = %s", (i, oid))
+            if i % 100 == 0 and metric(on, "ws_slow_consumer_closes_total"):
+                break
+    assert wait_for(lambda: metric(on, "ws_slow_consumer_closes_total") == 1, 10)
+    w.fill(oid, "0.5")
+    expected = w.event_ids(user)
+    wait_for(lambda: len(received) >= len(expected), 10)
+    done.set()
+    t.join()
+    assert received == expected  # the fast client of the same user got everything
+    # The slow one finds the 1013 close behind the frames it never read.
+    frames = read_frames(slow, timeout=5)
+    slow.close()
+    assert frames[0][0] == 1 and json.loads(frames[0][1])["type"] == "order_update"
+    assert close_code_of(frames) == 1013
+    other.send('{"type":"ping"}')
+    assert recv_json(other) == {"type": "pong"}
+    fast.close()
+    other.close()
+
+
+def test_sigterm_closes_sockets_with_1001(start_daemon):
+    on = start_daemon("order-notifier", notifier_env())
+    clients = [connect(on, uid()) for _ in range(3)]
+    assert metric(on, "notifier_leader") == 1 or wait_leader(on)
+    t0 = time.monotonic()
+    assert on.stop() == 0
+    assert time.monotonic() - t0 < 10
+    for c in clients:
+        assert close_code(c) == 1001
+    with open(on.log_path) as f:
+        assert "leader lock released" in f.read()
+
+
+def test_dashboard_and_health(start_daemon):
+    on = start_daemon("order-notifier", notifier_env())
+    status, headers, body = http_request("GET", on.url + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"/ws/orders" in body and b"last_event_id" in body
+    wait_leader(on)
+    status, _, body = http_request("GET", on.url + "/readyz")
+    assert status == 200 and json.loads(body)["role"] == "leader"
+    status, _, body = http_request("GET", on.url + "/api/health/redis")
+    assert status == 200 and json.loads(body)["redis"] == "up"
+    _, headers, body = http_request("GET", on.url + "/metrics")
+    text = body.decode()
+    for name in ("ws_connections", "ws_messages_sent_total", "ws_slow_consumer_closes_total",
+                 "order_events_received_total", "order_events_published_total",
+                 "order_event_delivery_seconds_bucket", "pg_listener_up", "notifier_leader",
+                 "redis_up", "http_requests_total"):
+        assert f"\n{name}" in text, name
+
+
+def test_bad_configuration_exits_2(start_daemon):
+    import subprocess
+    from conftest import binary_path
+    for env in ({"PG_CHANNEL": "bad-channel;"}, {"WS_MAX_CONNECTIONS": "abc"},
+                {"APP_ENV": "production", "JWT_SECRET": None},
+                {"ORDER_NOTIFIER_LISTEN": "127.0.0.1:70000"}):
+        full = dict(os.environ)
+        full.update({k: v for k, v in env.items() if v is not None})
+        for k, v in env.items():
+            if v is None:
+                full.pop(k, None)
+        p = subprocess.run([binary_path("order-notifier")], env=full, capture_output=True,
+                           text=True, timeout=10)
+        assert p.returncode == 2, (env, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1
+        assert next(iter(env)) in p.stderr or "JWT_SECRET" in p.stderr
