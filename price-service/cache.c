@@ -470,35 +470,39 @@ int ps_cache_get(ps_cache_t *c, const char *market, ps_cache_cb cb, void *ud,
         return 1;
     }
 
-    /* A fetch already in flight answers sooner than Redis would say "miss". */
+    /* A fetch already in flight answers sooner than Redis would say "miss". A finished one
+     * is only for GETs sent before its SET: a new request asks Redis, behind the SET. */
     flight_t *f;
     HASH_FIND_STR(c->flights, market, f);
-    if (!f) {
-        lookup_t *l = cm_malloc(sizeof *l);
-        if (l) {
-            char key[PS_CACHE_KEY_MAX];
-            ps_cache_key(market, key);
-            l->cache = c;
-            l->cb = cb;
-            l->ud = ud;
-            strcpy(l->market, market);
-            if (c->be.get(c->be.ctx, key, on_lookup_get, l) == 0)
-                return 0;
-            cm_free(l);
-        }
-        count(c->m_error, &c->stats.errors);
-    } else {
+    if (f && !f->done) {
         count(c->m_miss, &c->stats.misses);
+        waiter_t *w = waiter_new(cb, ud, NULL, 0);
+        if (!w)
+            return answer_unavailable(now, STATUS_MISS);
+        int rc = flight_join(c, market, w, 0, now);
+        return rc < 0 ? answer_unavailable(now, STATUS_MISS) : rc;
     }
 
-    int redis_failed = f == NULL;
+    lookup_t *l = cm_malloc(sizeof *l);
+    if (l) {
+        char key[PS_CACHE_KEY_MAX];
+        ps_cache_key(market, key);
+        l->cache = c;
+        l->cb = cb;
+        l->ud = ud;
+        strcpy(l->market, market);
+        if (c->be.get(c->be.ctx, key, on_lookup_get, l) == 0)
+            return 0;
+        cm_free(l);
+    }
+
+    /* Redis is down (or memory is short): straight to the origin. */
+    count(c->m_error, &c->stats.errors);
     waiter_t *w = waiter_new(cb, ud, NULL, 0);
     if (!w)
         return answer_unavailable(now, STATUS_MISS);
-    int rc = flight_join(c, market, w, redis_failed, now);
-    if (rc < 0)
-        return answer_unavailable(now, redis_failed ? STATUS_REDIS_DOWN : STATUS_MISS);
-    return rc;
+    int rc = flight_join(c, market, w, 1, now);
+    return rc < 0 ? answer_unavailable(now, STATUS_REDIS_DOWN) : rc;
 }
 
 /* ---- batch lookups -------------------------------------------------------------------- */
