@@ -610,6 +610,59 @@ static void listen_reset_from_callback(void **state)
     assert_int_equal(cm_alloc_live(), live);
 }
 
+/* The pool queue is bounded; what was accepted still gets exactly one callback. */
+static void queue_bound(void **state)
+{
+    (void)state;
+    long live = cm_alloc_live();
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    state_t st = {0};
+    cm_pg_t *pg = open_pg(&loop, &st, 1, 0);
+    cancel_t c = {0};
+    int accepted = 0, rc = 0;
+    while ((rc = cm_pg_query(pg, "select pg_sleep(1)", 0, NULL, 0, on_cancel, &c)) == 0)
+        accepted++;
+    assert_int_equal(rc, UV_EBUSY);
+    assert_int_equal(accepted, 10000 + 1); /* one in flight, 10000 queued */
+    cm_pg_stats_t stats;
+    cm_pg_stats(pg, &stats);
+    assert_int_equal(stats.queued, 10000);
+    close_pg(&loop, pg);
+    assert_int_equal(c.calls, accepted);
+    assert_int_equal(c.closing, accepted);
+    finish_loop(&loop);
+    assert_int_equal(cm_alloc_live(), live);
+}
+
+/* Allocation failures inside open are reported and leak nothing. */
+static void open_out_of_memory(void **state)
+{
+    (void)state;
+    long live = cm_alloc_live();
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    cm_pg_config_t cfg;
+    cm_pg_config_defaults(&cfg);
+    cfg.conninfo = db_url;
+    cfg.application_name = "cm-test";
+    cfg.on_notify = on_notify;
+    for (int n = 1; n <= 5; n++) {
+        cm_pg_t *pg = NULL;
+        cm_alloc_fail_after(n);
+        int rc = cm_pg_open(&loop, &cfg, &pg);
+        cm_alloc_fail_after(0);
+        if (rc == 0) {
+            close_pg(&loop, pg);
+            break;
+        }
+        assert_int_equal(rc, UV_ENOMEM);
+        assert_int_equal(cm_alloc_live(), live);
+    }
+    finish_loop(&loop);
+    assert_int_equal(cm_alloc_live(), live);
+}
+
 int main(void)
 {
     db_url = getenv("DATABASE_URL");
@@ -624,6 +677,7 @@ int main(void)
         cmocka_unit_test(listen_notify),   cmocka_unit_test(listen_reset_from_callback),
         cmocka_unit_test(restart),         cmocka_unit_test(unreachable),
         cmocka_unit_test(close_in_flight), cmocka_unit_test(close_from_callback),
+        cmocka_unit_test(queue_bound),     cmocka_unit_test(open_out_of_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -684,6 +684,33 @@ static void auth_and_select(void **state)
     assert_int_equal(cm_alloc_live(), live);
 }
 
+/* Allocation failures inside open are reported and leak nothing. */
+static void open_out_of_memory(void **state)
+{
+    (void)state;
+    long live = cm_alloc_live();
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    cm_redis_config_t cfg;
+    cm_redis_config_defaults(&cfg);
+    cfg.url = redis_url;
+    cfg.name = "oom";
+    for (int n = 1; n <= 4; n++) {
+        cm_redis_t *r = NULL;
+        cm_alloc_fail_after(n);
+        int rc = cm_redis_open(&loop, &cfg, &r);
+        cm_alloc_fail_after(0);
+        if (rc == 0) {
+            close_client(&loop, r);
+            break;
+        }
+        assert_int_equal(rc, UV_ENOMEM);
+        assert_int_equal(cm_alloc_live(), live);
+    }
+    finish_loop(&loop);
+    assert_int_equal(cm_alloc_live(), live);
+}
+
 int main(void)
 {
     redis_url = getenv("REDIS_URL");
@@ -704,6 +731,7 @@ int main(void)
         cmocka_unit_test(never_up),
         cmocka_unit_test(close_cancels_in_flight),
         cmocka_unit_test(close_from_callback),
+        cmocka_unit_test(open_out_of_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
