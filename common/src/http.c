@@ -871,10 +871,14 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
             conn_close_now(c);
             return;
         }
-        /* A half-closed peer still gets the answers to what it sent; a reset one gets none. */
+        /* A half-closed peer still gets the answers to what it sent (including a large one
+         * still queued); a reset one gets none. */
         if (nread == UV_EOF && (c->busy || pending_len(c)))
             return;
-        conn_close_now(c);
+        if (nread == UV_EOF)
+            conn_shutdown(c);
+        else
+            conn_close_now(c);
         return;
     }
     if (c->state != C_OPEN)

@@ -68,8 +68,9 @@ typedef struct cm_http_config {
     size_t max_header_bytes; /* default 8192: request line + headers; over -> 431 + close */
     size_t max_headers; /* default 64; over -> 431 + close */
     size_t max_body_bytes; /* default 16384; over -> 413 + close */
-    uint64_t header_timeout_ms; /* default 10000: a whole request head must arrive in time, else
-                                   408 + close (slowloris) */
+    uint64_t header_timeout_ms; /* default 10000: once its first byte is in (or the connection
+                                   is accepted), a whole request, head and body, must arrive in
+                                   time, else 408 + close (slowloris) */
     uint64_t idle_timeout_ms; /* default 60000: keep-alive connection idle -> close */
     size_t max_connections; /* default 10000: above -> 503 written best-effort, then close */
     cm_http_handler_fn handler; /* required */
