@@ -64,7 +64,7 @@ struct cm_http_conn {
     cm_buf_t pending; /* unparsed (or, raw: undelivered) bytes from ppos */
     size_t ppos;
     size_t feed_rest; /* while parsing: input bytes after the request being handled */
-    cm_buf_t out; /* response head under construction */
+    cm_buf_t out;     /* response head under construction */
 
     hoff_t *hoff;
     cm_http_header_t *hdrs;
@@ -87,7 +87,7 @@ struct cm_http_conn {
     int state;
     int open_handles;
     int closed; /* both handles closed */
-    int busy; /* a request is with the handler */
+    int busy;   /* a request is with the handler */
     int in_feed;
     int reading, user_paused, peer_eof, write_blocked;
     int raw, raw_closed_cb_done;
@@ -138,6 +138,7 @@ static void server_check_done(cm_http_server_t *s);
 
 const char *cm_http_status_text(int status)
 {
+    /* clang-format off */
     switch (status) {
     case 100: return "Continue";
     case 101: return "Switching Protocols";
@@ -180,6 +181,7 @@ const char *cm_http_status_text(int status)
     case 505: return "HTTP Version Not Supported";
     default: return "Unknown";
     }
+    /* clang-format on */
 }
 
 void cm_http_config_defaults(cm_http_config_t *cfg)
@@ -1017,8 +1019,8 @@ int cm_http_respond(cm_http_request_t *req, int status, const char *content_type
     return rc;
 }
 
-int cm_http_respond_error(cm_http_request_t *req, int status, const char *code,
-                          const char *message, const char *headers)
+int cm_http_respond_error(cm_http_request_t *req, int status, const char *code, const char *message,
+                          const char *headers)
 {
     char stack[512];
     char *text = NULL;
@@ -1249,8 +1251,7 @@ const char *cm_http_conn_peer(const cm_http_conn_t *c)
     struct sockaddr_storage ss;
     int len = (int)sizeof ss;
     char ip[INET6_ADDRSTRLEN] = "";
-    if (m->state == C_CLOSING ||
-        uv_tcp_getpeername(&m->tcp, (struct sockaddr *)&ss, &len) != 0) {
+    if (m->state == C_CLOSING || uv_tcp_getpeername(&m->tcp, (struct sockaddr *)&ss, &len) != 0) {
         return "unknown";
     }
     if (ss.ss_family == AF_INET6) {
@@ -1379,8 +1380,7 @@ static void on_stop_deadline(uv_timer_t *t)
 
 int cm_http_server_start(uv_loop_t *loop, const cm_http_config_t *cfg, cm_http_server_t **out)
 {
-    if (!loop || !cfg || !cfg->handler || !cfg->host || cfg->port < 0 || cfg->port > 65535 ||
-        !out)
+    if (!loop || !cfg || !cfg->handler || !cfg->host || cfg->port < 0 || cfg->port > 65535 || !out)
         return UV_EINVAL;
     /* A write to a peer that reset the connection raises SIGPIPE (libuv writes with writev,
      * which has no MSG_NOSIGNAL); the default action would kill the daemon. */
@@ -1444,9 +1444,8 @@ int cm_http_server_start(uv_loop_t *loop, const cm_http_config_t *cfg, cm_http_s
         int blen = (int)sizeof bound;
         rc = uv_tcp_getsockname(&s->listener, (struct sockaddr *)&bound, &blen);
         if (rc == 0)
-            s->port = ntohs(bound.ss_family == AF_INET6
-                                ? ((struct sockaddr_in6 *)&bound)->sin6_port
-                                : ((struct sockaddr_in *)&bound)->sin_port);
+            s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                        : ((struct sockaddr_in *)&bound)->sin_port);
     }
     if (rc < 0) {
         /* The handles exist now, so the memory goes back on the next loop turn. */

@@ -270,15 +270,16 @@ static void handler(cm_http_request_t *req, void *ud)
         assert_int_equal(rc, 0);
         assert_non_null(c);
     } else if (strcmp(p, "/error") == 0) {
-        cm_http_respond_error(req, 503, "origin_unavailable", "try \"later\"", "Retry-After: 1\r\n");
+        cm_http_respond_error(req, 503, "origin_unavailable", "try \"later\"",
+                              "Retry-After: 1\r\n");
     } else if (strcmp(p, "/nocontent") == 0) {
         cm_http_respond(req, 204, NULL, NULL, NULL, 0);
     } else {
         char body[1024];
         const char *ua = cm_http_header(req, "x-test");
-        int n = snprintf(body, sizeof body, "%s %s q=%.*s h=%s body=%.*s", req->method_name,
-                         p, (int)req->query_len, req->query, ua ? ua : "-", (int)req->body_len,
-                         req->body);
+        int n =
+            snprintf(body, sizeof body, "%s %s q=%.*s h=%s body=%.*s", req->method_name, p,
+                     (int)req->query_len, req->query, ua ? ua : "-", (int)req->body_len, req->body);
         cm_http_respond(req, 200, "text/plain", "X-Extra: 1\r\n", body, (size_t)n);
     }
 }
@@ -377,7 +378,8 @@ static void c_keepalive(client_t *cl)
                   "3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\n");
     cli_read_response(fd, cl_slot(cl), RESP_MAX, 0);
     /* Expect: 100-continue gets the interim answer before the body is sent. */
-    cli_sends(fd, "POST /e HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    cli_sends(fd,
+              "POST /e HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
     cli_read_response(fd, cl_slot(cl), RESP_MAX, 1);
     cli_sends(fd, "world");
     cli_read_response(fd, cl_slot(cl), RESP_MAX, 0);
@@ -508,7 +510,8 @@ static void head_and_status(void **state)
     assert_true(strncmp(RESP(3), "HTTP/1.1 503 Service Unavailable\r\n", 34) == 0);
     assert_non_null(strstr(RESP(3), "Retry-After: 1\r\n"));
     assert_non_null(strstr(
-        RESP(3), "\r\n\r\n{\"error\":{\"code\":\"origin_unavailable\",\"message\":\"try \\\"later\\\"\"}}"));
+        RESP(3),
+        "\r\n\r\n{\"error\":{\"code\":\"origin_unavailable\",\"message\":\"try \\\"later\\\"\"}}"));
 }
 
 /* Sends `req` on a fresh connection and records the whole answer up to EOF. */
@@ -529,17 +532,17 @@ static void c_bad(client_t *cl)
     memcpy(big + sizeof big - 4, "\r\n\r\n", 4);
     const char *cases[] = {
         "GARBAGE\r\n\r\n",
-        "GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",                       /* bare CR */
-        "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",               /* obs-fold */
-        "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n\tb\r\n\r\n",              /* obs-fold, tab */
+        "GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",          /* bare CR */
+        "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",  /* obs-fold */
+        "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n\tb\r\n\r\n", /* obs-fold, tab */
         "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\rabc\r\n0\r\n\r\n",
         "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
         "0\r\n\r\n",
-        "GET / HTTP/1.1\r\n\r\n",                                       /* no Host */
-        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",                  /* two Hosts */
+        "GET / HTTP/1.1\r\n\r\n",                       /* no Host */
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", /* two Hosts */
         "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
         "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-        "3\r\nabc\r\n0\r\nX: a\r\n b\r\n\r\n",                           /* folded trailer */
+        "3\r\nabc\r\n0\r\nX: a\r\n b\r\n\r\n", /* folded trailer */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         send_expect_close(cl, cases[i], strlen(cases[i]));
@@ -721,7 +724,7 @@ static void c_stop(client_t *cl)
     cli_sends(fd, "GET /stop HTTP/1.1\r\nHost: t\r\n\r\n");
     cli_read_response(fd, cl_slot(cl), RESP_MAX, 0);
     cl->val[0] = cli_wait_eof(fd);
-    cl->val[1] = cli_wait_eof(idle); /* the idle keep-alive connection was closed at stop */
+    cl->val[1] = cli_wait_eof(idle);        /* the idle keep-alive connection was closed at stop */
     cl->val[2] = cli_connect(cl->port) < 0; /* the listener is gone */
     close(fd);
     close(idle);

@@ -24,7 +24,7 @@ typedef struct cm_http_conn cm_http_conn_t;
 
 /* One request header; both strings are NUL-terminated and borrowed from the connection. */
 typedef struct cm_http_header {
-    const char *name; /* as sent (case preserved) */
+    const char *name;  /* as sent (case preserved) */
     const char *value; /* leading/trailing whitespace removed */
 } cm_http_header_t;
 
@@ -33,11 +33,11 @@ typedef struct cm_http_header {
  * cm_http_respond() (or cm_http_respond_error() / cm_http_upgrade()) returns.
  */
 typedef struct cm_http_request {
-    cm_http_conn_t *conn; /* the connection (opaque) */
-    int method; /* llhttp_method_t value, e.g. HTTP_GET */
+    cm_http_conn_t *conn;    /* the connection (opaque) */
+    int method;              /* llhttp_method_t value, e.g. HTTP_GET */
     const char *method_name; /* "GET" */
-    const char *target; /* raw request-target, NUL-terminated */
-    const char *path; /* target before '?', raw (not percent-decoded) */
+    const char *target;      /* raw request-target, NUL-terminated */
+    const char *path;        /* target before '?', raw (not percent-decoded) */
     size_t path_len;
     const char *query; /* after '?', raw, "" when none */
     size_t query_len;
@@ -45,11 +45,11 @@ typedef struct cm_http_request {
     size_t nheaders;
     const char *body; /* NUL-terminated for convenience; "" when none */
     size_t body_len;
-    int keep_alive; /* llhttp_should_keep_alive() at the end of the message */
-    int is_head; /* HEAD: the response is sent without its body (headers unchanged) */
+    int keep_alive;    /* llhttp_should_keep_alive() at the end of the message */
+    int is_head;       /* HEAD: the response is sent without its body (headers unchanged) */
     const char *route; /* set by the router (metrics label); "unmatched" by default */
     uint64_t start_ns; /* uv_hrtime() when the request head was complete */
-    void *user; /* free for the handler; NULL on entry */
+    void *user;        /* free for the handler; NULL on entry */
 } cm_http_request_t;
 
 /* Called once per request; must lead to exactly one cm_http_respond*() or cm_http_upgrade(),
@@ -63,16 +63,16 @@ typedef void (*cm_http_observe_fn)(const cm_http_request_t *req, int status, dou
                                    void *ud);
 
 typedef struct cm_http_config {
-    const char *host; /* "0.0.0.0"; IPv6 literals work too ("::1"); borrowed for start() */
-    int port; /* 8080; 0 = ephemeral (see cm_http_server_port) */
+    const char *host;        /* "0.0.0.0"; IPv6 literals work too ("::1"); borrowed for start() */
+    int port;                /* 8080; 0 = ephemeral (see cm_http_server_port) */
     size_t max_header_bytes; /* default 8192: request line + headers; over -> 431 + close */
-    size_t max_headers; /* default 64; over -> 431 + close */
-    size_t max_body_bytes; /* default 16384; over -> 413 + close */
+    size_t max_headers;      /* default 64; over -> 431 + close */
+    size_t max_body_bytes;   /* default 16384; over -> 413 + close */
     uint64_t header_timeout_ms; /* default 10000: once its first byte is in (or the connection
                                    is accepted), a whole request, head and body, must arrive in
                                    time, else 408 + close (slowloris) */
-    uint64_t idle_timeout_ms; /* default 60000: keep-alive connection idle -> close */
-    size_t max_connections; /* default 10000: above -> 503 written best-effort, then close */
+    uint64_t idle_timeout_ms;   /* default 60000: keep-alive connection idle -> close */
+    size_t max_connections;     /* default 10000: above -> 503 written best-effort, then close */
     cm_http_handler_fn handler; /* required */
     void *handler_ud;
     cm_http_observe_fn observe; /* optional */
@@ -123,8 +123,8 @@ int cm_http_respond(cm_http_request_t *req, int status, const char *content_type
                     const char *headers, const void *body, size_t body_len);
 /* Responds {"error":{"code":code,"message":message}} as application/json (built by cJSON).
  * `code`, `message`, `headers` are borrowed. Returns as cm_http_respond(). */
-int cm_http_respond_error(cm_http_request_t *req, int status, const char *code,
-                          const char *message, const char *headers);
+int cm_http_respond_error(cm_http_request_t *req, int status, const char *code, const char *message,
+                          const char *headers);
 /* Case-insensitive header lookup (first match); returns the value (borrowed like req) or NULL. */
 const char *cm_http_header(const cm_http_request_t *req, const char *name);
 /*
