@@ -321,9 +321,8 @@ void on_leader_notify(on_leader_t *l, const char *channel, const char *payload)
 
 static void set_state(on_leader_t *l, state_t st)
 {
-    if (l->state == ST_LEADING && st != ST_LEADING) {
-        cm_log_warn("leadership lost", NULL);
-    }
+    if (l->state == ST_LEADING && st != ST_LEADING && !l->stopping)
+        cm_log_warn("leadership lost: the LISTEN session ended", NULL);
     l->state = st;
     cm_gauge_set(l->app->m.leader, st == ST_LEADING ? 1 : 0);
 }
