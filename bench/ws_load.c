@@ -58,7 +58,7 @@ static uv_loop_t *loop;
 static conn_t *conns;
 static int connected, welcomed, failed;
 static _Atomic uint64_t *sent_ns; /* per event sequence number: when the UPDATE was sent */
-static double *lat;              /* seconds, per delivery */
+static double *lat;               /* seconds, per delivery */
 static size_t nlat, expected;
 static uint64_t t_connect_start;
 static uv_timer_t tick;
@@ -82,8 +82,8 @@ static void *writer(void *arg)
         exit(1);
     }
     const char *p1[1] = {opt.channel};
-    PQclear(PQexecParams(pg, "SELECT set_config('markets.order_channel', $1, false)", 1, NULL,
-                         p1, NULL, NULL, 0));
+    PQclear(PQexecParams(pg, "SELECT set_config('markets.order_channel', $1, false)", 1, NULL, p1,
+                         NULL, NULL, 0));
     long long *orders = calloc((size_t)opt.users, sizeof *orders);
     for (int u = 0; u < opt.users; u++) {
         char user[32];
@@ -104,8 +104,8 @@ static void *writer(void *arg)
         snprintf(id, sizeof id, "%lld", orders[i % opt.users]);
         const char *p[2] = {seq, id};
         atomic_store(&sent_ns[i], now_ns());
-        PQclear(PQexecParams(pg, "UPDATE orders SET filled_quantity = $1 WHERE id = $2", 2, NULL,
-                             p, NULL, NULL, 0));
+        PQclear(PQexecParams(pg, "UPDATE orders SET filled_quantity = $1 WHERE id = $2", 2, NULL, p,
+                             NULL, NULL, 0));
         next += gap;
         uint64_t t = now_ns();
         if (next > t)
@@ -136,8 +136,7 @@ static int send_raw(conn_t *c, const void *data, size_t len)
     return rc;
 }
 
-static ssize_t ws_recv(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, int flags,
-                       void *ud)
+static ssize_t ws_recv(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, int flags, void *ud)
 {
     (void)flags;
     conn_t *c = ud;
@@ -218,7 +217,8 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     const char *data = buf->base;
     size_t len = (size_t)n;
     if (!c->upgraded) {
-        size_t take = len < sizeof c->head - 1 - c->head_len ? len : sizeof c->head - 1 - c->head_len;
+        size_t take =
+            len < sizeof c->head - 1 - c->head_len ? len : sizeof c->head - 1 - c->head_len;
         memcpy(c->head + c->head_len, data, take);
         c->head_len += take;
         c->head[c->head_len] = 0;
@@ -254,8 +254,7 @@ static void on_connect(uv_connect_t *req, int status)
     connected++;
     char user[32];
     snprintf(user, sizeof user, "load-u%d", c->user);
-    char *tok = on_jwt_sign(user, (int64_t)time(NULL) + 3600, NULL, opt.secret,
-                            strlen(opt.secret));
+    char *tok = on_jwt_sign(user, (int64_t)time(NULL) + 3600, NULL, opt.secret, strlen(opt.secret));
     unsigned char key_raw[16];
     char key[32];
     RAND_bytes(key_raw, sizeof key_raw);
@@ -305,12 +304,24 @@ int main(int argc, char **argv)
     opt.channel = getenv("PG_CHANNEL") ? getenv("PG_CHANNEL") : "order_events";
     while ((ch = getopt(argc, argv, "u:n:U:e:r:c:h")) != -1) {
         switch (ch) {
-        case 'u': url = optarg; break;
-        case 'n': opt.conns = atoi(optarg); break;
-        case 'U': opt.users = atoi(optarg); break;
-        case 'e': opt.events = atoi(optarg); break;
-        case 'r': opt.rate = atoi(optarg); break;
-        case 'c': opt.channel = optarg; break;
+        case 'u':
+            url = optarg;
+            break;
+        case 'n':
+            opt.conns = atoi(optarg);
+            break;
+        case 'U':
+            opt.users = atoi(optarg);
+            break;
+        case 'e':
+            opt.events = atoi(optarg);
+            break;
+        case 'r':
+            opt.rate = atoi(optarg);
+            break;
+        case 'c':
+            opt.channel = optarg;
+            break;
         default:
             fprintf(stderr, "usage: ws_load [-u url] [-n conns] [-U users] [-e events] [-r rate]"
                             " [-c channel]   (DATABASE_URL, JWT_SECRET from the environment)\n");
@@ -324,7 +335,8 @@ int main(int argc, char **argv)
     }
     opt.host = host;
     opt.dsn = getenv("DATABASE_URL");
-    opt.secret = getenv("JWT_SECRET") ? getenv("JWT_SECRET") : "dev-only-order-notifier-secret-change-me";
+    opt.secret =
+        getenv("JWT_SECRET") ? getenv("JWT_SECRET") : "dev-only-order-notifier-secret-change-me";
     if (!opt.dsn || opt.conns < 1 || opt.users < 1 || opt.users > opt.conns || opt.events < 1 ||
         opt.rate < 1) {
         fprintf(stderr, "ws_load: DATABASE_URL required; 1 <= users <= conns\n");

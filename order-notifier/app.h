@@ -20,16 +20,16 @@ struct on_hub;
 struct on_leader;
 
 typedef struct on_metrics {
-    cm_metric_t *ws_messages_sent;     /* ws_messages_sent_total */
-    cm_metric_t *ws_slow_closes;       /* ws_slow_consumer_closes_total */
-    cm_metric_t *events_received;      /* order_events_received_total */
-    cm_metric_t *events_published;     /* order_events_published_total */
-    cm_metric_t *delivery_seconds;     /* order_event_delivery_seconds */
-    cm_metric_t *pg_listener_up;       /* pg_listener_up */
-    cm_metric_t *leader;               /* notifier_leader */
-    cm_metric_t *ws_rejected;          /* ws_handshakes_rejected_total (all codes) */
-    cm_metric_t *resumes;              /* ws_resumes_total */
-    cm_metric_t *redis_replays;        /* order_events_replayed_total */
+    cm_metric_t *ws_messages_sent; /* ws_messages_sent_total */
+    cm_metric_t *ws_slow_closes;   /* ws_slow_consumer_closes_total */
+    cm_metric_t *events_received;  /* order_events_received_total */
+    cm_metric_t *events_published; /* order_events_published_total */
+    cm_metric_t *delivery_seconds; /* order_event_delivery_seconds */
+    cm_metric_t *pg_listener_up;   /* pg_listener_up */
+    cm_metric_t *leader;           /* notifier_leader */
+    cm_metric_t *ws_rejected;      /* ws_handshakes_rejected_total (all codes) */
+    cm_metric_t *resumes;          /* ws_resumes_total */
+    cm_metric_t *redis_replays;    /* order_events_replayed_total */
 } on_metrics_t;
 
 typedef struct on_app {

@@ -366,8 +366,8 @@ static int has_token(const char *value, const char *token)
     return 0;
 }
 
-static void reject(cm_http_request_t *req, on_app_t *app, int status,
-                   const char *code, const char *message, const char *headers)
+static void reject(cm_http_request_t *req, on_app_t *app, int status, const char *code,
+                   const char *message, const char *headers)
 {
     cm_counter_inc(app->m.ws_rejected);
     cm_log_debug("websocket upgrade refused", "code", code, "peer", cm_http_conn_peer(req->conn),

@@ -50,8 +50,8 @@ struct on_client {
     on_client_t *entry_prev, *entry_next;
     on_client_t *all_prev, *all_next;
     /* state */
-    int started;     /* welcome sent */
-    int replaying;   /* resume query in flight: live frames are held in `resume` */
+    int started;   /* welcome sent */
+    int replaying; /* resume query in flight: live frames are held in `resume` */
     on_resume_t resume;
     int closing;     /* close frame queued or connection closing */
     int conn_closed; /* on_close fired */

@@ -18,8 +18,8 @@
 #define ON_DEV_JWT_SECRET "dev-only-order-notifier-secret-change-me"
 
 typedef struct on_config {
-    int production;           /* APP_ENV=production: secrets and origins are required */
-    char listen_host[256];    /* ORDER_NOTIFIER_LISTEN */
+    int production;        /* APP_ENV=production: secrets and origins are required */
+    char listen_host[256]; /* ORDER_NOTIFIER_LISTEN */
     int listen_port;
     const char *redis_url;    /* REDIS_URL (borrowed from the environment) */
     const char *database_url; /* DATABASE_URL */
@@ -28,15 +28,15 @@ typedef struct on_config {
     int jwt_secret_is_dev;    /* the dev default is in use */
     char **origins;           /* WS_ALLOWED_ORIGINS (owned: on_config_free); "*" = any */
     size_t norigins;
-    long ws_max_connections;  /* WS_MAX_CONNECTIONS */
-    long ws_send_queue_max;   /* WS_SEND_QUEUE_MAX_BYTES, bytes */
-    long ws_ping_interval_ms; /* WS_PING_INTERVAL_MS */
-    long redis_timeout_ms;    /* REDIS_TIMEOUT_MS */
-    long pg_pool_size;        /* NOTIFIER_PG_POOL_SIZE: query connections (resume, catch-up) */
-    long lock_key;            /* NOTIFIER_LOCK_KEY: pg advisory lock id of the leader */
-    long lock_retry_ms;       /* NOTIFIER_LOCK_RETRY_MS: standby retry of the lock, ms */
-    long liveness_ms;         /* NOTIFIER_LIVENESS_MS: liveness query on the LISTEN session, ms */
-    long lookback_ms;         /* NOTIFIER_CATCHUP_LOOKBACK_MS: catch-up/replay look-back, ms */
+    long ws_max_connections;    /* WS_MAX_CONNECTIONS */
+    long ws_send_queue_max;     /* WS_SEND_QUEUE_MAX_BYTES, bytes */
+    long ws_ping_interval_ms;   /* WS_PING_INTERVAL_MS */
+    long redis_timeout_ms;      /* REDIS_TIMEOUT_MS */
+    long pg_pool_size;          /* NOTIFIER_PG_POOL_SIZE: query connections (resume, catch-up) */
+    long lock_key;              /* NOTIFIER_LOCK_KEY: pg advisory lock id of the leader */
+    long lock_retry_ms;         /* NOTIFIER_LOCK_RETRY_MS: standby retry of the lock, ms */
+    long liveness_ms;           /* NOTIFIER_LIVENESS_MS: liveness query on the LISTEN session, ms */
+    long lookback_ms;           /* NOTIFIER_CATCHUP_LOOKBACK_MS: catch-up/replay look-back, ms */
     cm_log_level_t log_level;   /* LOG_LEVEL (reloadable) */
     cm_log_format_t log_format; /* LOG_FORMAT */
     const char *config_file;    /* CONFIG_FILE */

@@ -178,8 +178,8 @@ void on_resume_finish(on_resume_t *r, void (*emit)(int64_t id, void *data, int d
     if (r->nheld > 1)
         qsort(r->held, r->nheld, sizeof *r->held, cmp_item);
     for (size_t i = 0; i < r->nheld; i++) {
-        int dup = on_idset_has(&r->sent, r->held[i].id) ||
-                  (i > 0 && r->held[i - 1].id == r->held[i].id);
+        int dup =
+            on_idset_has(&r->sent, r->held[i].id) || (i > 0 && r->held[i - 1].id == r->held[i].id);
         emit(r->held[i].id, r->held[i].data, dup, ud);
     }
     cm_free(r->held);

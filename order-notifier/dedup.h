@@ -13,14 +13,14 @@
 #include <stdint.h>
 
 typedef struct on_idset {
-    int64_t *ring;  /* insertion order, `count` ids ending before `head` */
+    int64_t *ring;   /* insertion order, `count` ids ending before `head` */
     size_t ring_cap; /* current ring size (grows up to cap) */
     size_t head;
     size_t count;
-    size_t cap;      /* most ids remembered */
-    int64_t *slots;  /* open addressing, 0 = empty, -1 = deleted; size = 2 * ring_cap */
+    size_t cap;     /* most ids remembered */
+    int64_t *slots; /* open addressing, 0 = empty, -1 = deleted; size = 2 * ring_cap */
     size_t nslots;
-    size_t tombs;    /* deleted slots since the last rebuild */
+    size_t tombs; /* deleted slots since the last rebuild */
 } on_idset_t;
 
 /* Prepares an empty set remembering up to `cap` ids (at least 8). No allocation yet. */
@@ -48,9 +48,9 @@ typedef struct on_resume_item {
 } on_resume_item_t;
 
 typedef struct on_resume {
-    int replaying;           /* live events are held while set */
-    on_idset_t sent;         /* ids sent during the replay */
-    on_resume_item_t *held;  /* live events held during the replay */
+    int replaying;          /* live events are held while set */
+    on_idset_t sent;        /* ids sent during the replay */
+    on_resume_item_t *held; /* live events held during the replay */
     size_t nheld, held_cap;
 } on_resume_t;
 

@@ -10,7 +10,7 @@
 #include <uv.h>
 
 const char *const on_event_order_fields[] = {
-    "id",     "user_id",         "market", "side",       "price",
+    "id",       "user_id",         "market", "side",       "price",
     "quantity", "filled_quantity", "status", "updated_at", NULL,
 };
 

@@ -18,11 +18,11 @@
 struct cJSON;
 
 typedef struct on_event {
-    int64_t id;           /* order_events.id, > 0 */
-    char *user_id;        /* owned */
-    char *event_type;     /* owned, e.g. "order.updated" */
-    double created_at;    /* commit-side timestamp, Unix seconds (0: unknown) */
-    struct cJSON *order;  /* owned, allow-listed copy */
+    int64_t id;          /* order_events.id, > 0 */
+    char *user_id;       /* owned */
+    char *event_type;    /* owned, e.g. "order.updated" */
+    double created_at;   /* commit-side timestamp, Unix seconds (0: unknown) */
+    struct cJSON *order; /* owned, allow-listed copy */
 } on_event_t;
 
 /* The order fields that may leave Postgres, NULL-terminated. */

@@ -168,8 +168,7 @@ static void entry_dispatch(entry_t *e, const on_event_t *ev)
     on_frame_unref(f);
 }
 
-void on_hub_message(cm_redis_t *r, const char *channel, const char *payload, size_t len,
-                    void *ud)
+void on_hub_message(cm_redis_t *r, const char *channel, const char *payload, size_t len, void *ud)
 {
     (void)r;
     (void)channel;

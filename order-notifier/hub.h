@@ -54,7 +54,6 @@ void on_hub_redis_state(on_hub_t *h, int up);
 
 /* A Redis message (an event or a sync marker) for entry `ud` (the hub's subscription
  * callback; public for tests). */
-void on_hub_message(cm_redis_t *r, const char *channel, const char *payload, size_t len,
-                    void *ud);
+void on_hub_message(cm_redis_t *r, const char *channel, const char *payload, size_t len, void *ud);
 
 #endif

@@ -118,8 +118,8 @@ static int numeric_date(const cJSON *v, int64_t *out)
     return 0;
 }
 
-int on_jwt_verify(const char *token, size_t len, const void *secret, size_t secret_len,
-                  int64_t now, on_jwt_claims_t *out)
+int on_jwt_verify(const char *token, size_t len, const void *secret, size_t secret_len, int64_t now,
+                  on_jwt_claims_t *out)
 {
     if (!token || len == 0 || len > TOKEN_MAX)
         return UV_EINVAL;

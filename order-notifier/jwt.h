@@ -29,8 +29,8 @@ typedef struct on_jwt_claims {
  * Returns 0; UV_EINVAL for a malformed token or a missing/invalid `sub` or `exp`; UV_EACCES
  * for a wrong algorithm or signature; UV_ETIMEDOUT when expired (now >= exp) or not yet valid.
  */
-int on_jwt_verify(const char *token, size_t len, const void *secret, size_t secret_len,
-                  int64_t now, on_jwt_claims_t *out);
+int on_jwt_verify(const char *token, size_t len, const void *secret, size_t secret_len, int64_t now,
+                  on_jwt_claims_t *out);
 
 /*
  * Issues an HS256 token for `sub` expiring at `exp` (Unix seconds), with `scope` unless NULL.

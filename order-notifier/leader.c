@@ -23,7 +23,7 @@
 #define ALL_CHANNEL "orders:all"
 
 #define EVENT_COLUMNS                                                                              \
-    "SELECT id::text, user_id, event_type, payload::text, extract(epoch FROM created_at)::text " \
+    "SELECT id::text, user_id, event_type, payload::text, extract(epoch FROM created_at)::text "   \
     "FROM order_events "
 
 typedef enum { ST_DOWN = 0, ST_LOCKING, ST_STANDBY, ST_LEADING } state_t;
@@ -415,8 +415,7 @@ static void liveness_done(cm_pg_t *pg, const PGresult *res, const char *error, v
     }
     if (error) {
         /* A quiet LISTEN connection is not trusted: reset, reconnect, catch up. */
-        cm_log_warn("LISTEN session failed its liveness check; reconnecting", "error", error,
-                    NULL);
+        cm_log_warn("LISTEN session failed its liveness check; reconnecting", "error", error, NULL);
         if (l->listen_up)
             cm_pg_listen_reset(l->app->pg);
         return;
@@ -547,8 +546,8 @@ void on_leader_stop(on_leader_t *l, void (*done)(void *ud), void *ud)
     set_state(l, ST_DOWN);
     if (held && l->listen_up) {
         const char *params[1] = {l->lock_key};
-        if (cm_pg_listen_query(l->app->pg, "SELECT pg_advisory_unlock($1::bigint)", 1, params,
-                               1000, unlock_done, l) == 0)
+        if (cm_pg_listen_query(l->app->pg, "SELECT pg_advisory_unlock($1::bigint)", 1, params, 1000,
+                               unlock_done, l) == 0)
             l->unlock_pending = 1;
     }
     uv_close((uv_handle_t *)&l->timer, timer_closed);

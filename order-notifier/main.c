@@ -63,8 +63,7 @@ static void respond_json(cm_http_request_t *req, int status, cJSON *j)
         cm_http_respond_error(req, 500, "out_of_memory", "out of memory", NULL);
         return;
     }
-    cm_http_respond(req, status, "application/json", "Cache-Control: no-store\r\n", s,
-                    strlen(s));
+    cm_http_respond(req, status, "application/json", "Cache-Control: no-store\r\n", s, strlen(s));
     cJSON_free(s);
 }
 
@@ -156,10 +155,10 @@ static void observe_http(const cm_http_request_t *req, int status, double second
         cm_counter_inc(c);
     if (cm_metrics_labels(labels, sizeof labels, "route", req->route, NULL) < 0)
         return;
-    cm_metric_t *h = cm_metrics_histogram(app.registry, "http_request_duration_seconds",
-                                          "HTTP request duration until the response is queued.",
-                                          labels, cm_metrics_latency_bounds,
-                                          cm_metrics_latency_nbounds);
+    cm_metric_t *h =
+        cm_metrics_histogram(app.registry, "http_request_duration_seconds",
+                             "HTTP request duration until the response is queued.", labels,
+                             cm_metrics_latency_bounds, cm_metrics_latency_nbounds);
     if (h)
         cm_histogram_observe(h, seconds);
 }
@@ -193,42 +192,42 @@ static int setup_metrics(void)
                                              "Event frames written to WebSocket clients.", NULL);
     m->ws_slow_closes = cm_metrics_counter(r, "ws_slow_consumer_closes_total",
                                            "Clients closed with 1013 for a full send queue.", NULL);
-    m->events_received = cm_metrics_counter(r, "order_events_received_total",
-                                            "Order events read by the leader (NOTIFY or catch-up).",
-                                            NULL);
-    m->events_published = cm_metrics_counter(r, "order_events_published_total",
-                                             "Order events published to Redis by the leader.", NULL);
+    m->events_received =
+        cm_metrics_counter(r, "order_events_received_total",
+                           "Order events read by the leader (NOTIFY or catch-up).", NULL);
+    m->events_published = cm_metrics_counter(
+        r, "order_events_published_total", "Order events published to Redis by the leader.", NULL);
     m->delivery_seconds = cm_metrics_histogram(
         r, "order_event_delivery_seconds",
         "Time from the event's commit-side timestamp to the WebSocket write.", NULL,
         delivery_bounds, sizeof delivery_bounds / sizeof *delivery_bounds);
-    m->pg_listener_up = cm_metrics_gauge(r, "pg_listener_up",
-                                         "1 while the Postgres LISTEN session is up.", NULL);
+    m->pg_listener_up =
+        cm_metrics_gauge(r, "pg_listener_up", "1 while the Postgres LISTEN session is up.", NULL);
     m->leader = cm_metrics_gauge(r, "notifier_leader",
                                  "1 while this replica holds the leader lock and publishes.", NULL);
-    m->ws_rejected = cm_metrics_counter(r, "ws_handshakes_rejected_total",
-                                        "WebSocket upgrade requests refused before the upgrade.",
-                                        NULL);
+    m->ws_rejected =
+        cm_metrics_counter(r, "ws_handshakes_rejected_total",
+                           "WebSocket upgrade requests refused before the upgrade.", NULL);
     m->resumes = cm_metrics_counter(r, "ws_resumes_total",
                                     "Connections that resumed with last_event_id.", NULL);
-    m->redis_replays = cm_metrics_counter(
-        r, "order_events_replayed_total",
-        "Outbox rows replayed to local clients after a Redis reconnect.", NULL);
+    m->redis_replays =
+        cm_metrics_counter(r, "order_events_replayed_total",
+                           "Outbox rows replayed to local clients after a Redis reconnect.", NULL);
     cm_metric_t *conns = cm_metrics_gauge_fn(r, "ws_connections", "Open WebSocket connections.",
                                              NULL, ws_connections, NULL);
     cm_metric_t *up = cm_metrics_gauge_fn(r, "redis_up", "1 while both Redis links are up.", NULL,
                                           redis_up, NULL);
     m_redis_reconnects = cm_metrics_counter(r, "redis_reconnects_total",
                                             "Redis reconnections after a lost link.", NULL);
-    m_redis_timeouts = cm_metrics_counter(r, "redis_command_timeouts_total",
-                                          "Redis commands not answered within REDIS_TIMEOUT_MS.",
-                                          NULL);
+    m_redis_timeouts =
+        cm_metrics_counter(r, "redis_command_timeouts_total",
+                           "Redis commands not answered within REDIS_TIMEOUT_MS.", NULL);
     m_pg_reconnects = cm_metrics_counter(r, "pg_reconnects_total",
                                          "Postgres reconnections after a lost connection.", NULL);
-    if (!m->ws_messages_sent || !m->ws_slow_closes || !m->events_received ||
-        !m->events_published || !m->delivery_seconds || !m->pg_listener_up || !m->leader ||
-        !m->ws_rejected || !m->resumes || !m->redis_replays || !conns || !up ||
-        !m_redis_reconnects || !m_redis_timeouts || !m_pg_reconnects)
+    if (!m->ws_messages_sent || !m->ws_slow_closes || !m->events_received || !m->events_published ||
+        !m->delivery_seconds || !m->pg_listener_up || !m->leader || !m->ws_rejected ||
+        !m->resumes || !m->redis_replays || !conns || !up || !m_redis_reconnects ||
+        !m_redis_timeouts || !m_pg_reconnects)
         return UV_ENOMEM;
     return 0;
 }
@@ -260,8 +259,7 @@ static void sub_state(cm_redis_t *r, int up, const char *error, void *ud)
         on_hub_redis_state(app.hub, up);
 }
 
-static void pg_notify(cm_pg_t *pg, const char *channel, const char *payload, int be_pid,
-                      void *ud)
+static void pg_notify(cm_pg_t *pg, const char *channel, const char *payload, int be_pid, void *ud)
 {
     (void)pg;
     (void)be_pid;
@@ -362,20 +360,19 @@ static void on_signal(uv_signal_t *s, int signum)
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: order-notifier [--help] [--version]\n"
-            "\n"
-            "Postgres LISTEN/NOTIFY -> Redis pub/sub -> WebSocket (GET /ws/orders), with a\n"
-            "live dashboard at GET /. Configured by environment variables:\n"
-            "  APP_ENV, ORDER_NOTIFIER_LISTEN (0.0.0.0:8081), REDIS_URL, DATABASE_URL,\n"
-            "  PG_CHANNEL (order_events), JWT_SECRET, WS_ALLOWED_ORIGINS (*),\n"
-            "  WS_MAX_CONNECTIONS (10000), WS_SEND_QUEUE_MAX_BYTES (1048576),\n"
-            "  WS_PING_INTERVAL_MS (25000), REDIS_TIMEOUT_MS (100), LOG_LEVEL, LOG_FORMAT,\n"
-            "  CONFIG_FILE (LOG_LEVEL reloaded on SIGHUP), NOTIFIER_LOCK_KEY,\n"
-            "  NOTIFIER_LOCK_RETRY_MS (1000), NOTIFIER_LIVENESS_MS (2000),\n"
-            "  NOTIFIER_CATCHUP_LOOKBACK_MS (30000), NOTIFIER_PG_POOL_SIZE (4).\n"
-            "Exit status: 0 after a clean shutdown, 1 on a runtime failure, 2 on bad\n"
-            "configuration.\n");
+    fprintf(out, "usage: order-notifier [--help] [--version]\n"
+                 "\n"
+                 "Postgres LISTEN/NOTIFY -> Redis pub/sub -> WebSocket (GET /ws/orders), with a\n"
+                 "live dashboard at GET /. Configured by environment variables:\n"
+                 "  APP_ENV, ORDER_NOTIFIER_LISTEN (0.0.0.0:8081), REDIS_URL, DATABASE_URL,\n"
+                 "  PG_CHANNEL (order_events), JWT_SECRET, WS_ALLOWED_ORIGINS (*),\n"
+                 "  WS_MAX_CONNECTIONS (10000), WS_SEND_QUEUE_MAX_BYTES (1048576),\n"
+                 "  WS_PING_INTERVAL_MS (25000), REDIS_TIMEOUT_MS (100), LOG_LEVEL, LOG_FORMAT,\n"
+                 "  CONFIG_FILE (LOG_LEVEL reloaded on SIGHUP), NOTIFIER_LOCK_KEY,\n"
+                 "  NOTIFIER_LOCK_RETRY_MS (1000), NOTIFIER_LIVENESS_MS (2000),\n"
+                 "  NOTIFIER_CATCHUP_LOOKBACK_MS (30000), NOTIFIER_PG_POOL_SIZE (4).\n"
+                 "Exit status: 0 after a clean shutdown, 1 on a runtime failure, 2 on bad\n"
+                 "configuration.\n");
 }
 
 static int start(void)
@@ -416,8 +413,8 @@ static int start(void)
     if (!router)
         return UV_ENOMEM;
     if ((rv = cm_router_add(router, CM_ROUTE_GET, "/", handle_dashboard, NULL)) != 0 ||
-        (rv = cm_router_add(router, CM_ROUTE_GET, "/ws/orders", on_client_handle_upgrade,
-                            &app)) != 0 ||
+        (rv = cm_router_add(router, CM_ROUTE_GET, "/ws/orders", on_client_handle_upgrade, &app)) !=
+            0 ||
         (rv = cm_router_add(router, CM_ROUTE_GET, "/healthz", handle_healthz, NULL)) != 0 ||
         (rv = cm_router_add(router, CM_ROUTE_GET, "/readyz", handle_readyz, NULL)) != 0 ||
         (rv = cm_router_add(router, CM_ROUTE_GET, "/api/health/redis", handle_redis_health,

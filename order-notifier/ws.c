@@ -33,8 +33,7 @@ int on_ws_accept_key(const char *key, size_t len, char out[ON_WS_ACCEPT_LEN])
     memcpy(cat + 24, WS_GUID, sizeof WS_GUID);
     unsigned char sha[EVP_MAX_MD_SIZE];
     unsigned int sha_len = 0;
-    if (!EVP_Digest(cat, 24 + sizeof WS_GUID - 1, sha, &sha_len, EVP_sha1(), NULL) ||
-        sha_len != 20)
+    if (!EVP_Digest(cat, 24 + sizeof WS_GUID - 1, sha, &sha_len, EVP_sha1(), NULL) || sha_len != 20)
         return UV_EINVAL;
     if (EVP_EncodeBlock((unsigned char *)out, sha, 20) != ON_WS_ACCEPT_LEN - 1)
         return UV_EINVAL;

@@ -131,8 +131,8 @@ static void resume_abandoned(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(idset_basic),  cmocka_unit_test(idset_window),
-        cmocka_unit_test(idset_nomem),  cmocka_unit_test(resume_merge),
+        cmocka_unit_test(idset_basic),      cmocka_unit_test(idset_window),
+        cmocka_unit_test(idset_nomem),      cmocka_unit_test(resume_merge),
         cmocka_unit_test(resume_abandoned),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

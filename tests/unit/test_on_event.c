@@ -40,12 +40,12 @@ static void frame_is_allow_listed(void **state)
     assert_int_equal(on_event_parse(notify, strlen(notify), &ev), 0);
     cm_buf_t b = CM_BUF_INIT;
     assert_int_equal(on_event_frame(&ev, &b), 0);
-    assert_string_equal(b.data,
-                        "{\"type\":\"order_update\",\"event_id\":42,\"event_type\":\"order.updated\","
-                        "\"order\":{\"id\":7,\"user_id\":\"u1\",\"market\":\"BTC-USD\","
-                        "\"side\":\"buy\",\"price\":\"100.50\",\"quantity\":\"2\","
-                        "\"filled_quantity\":\"1\",\"status\":\"partially_filled\","
-                        "\"updated_at\":\"2026-11-29T20:00:00.123456Z\"}}");
+    assert_string_equal(
+        b.data, "{\"type\":\"order_update\",\"event_id\":42,\"event_type\":\"order.updated\","
+                "\"order\":{\"id\":7,\"user_id\":\"u1\",\"market\":\"BTC-USD\","
+                "\"side\":\"buy\",\"price\":\"100.50\",\"quantity\":\"2\","
+                "\"filled_quantity\":\"1\",\"status\":\"partially_filled\","
+                "\"updated_at\":\"2026-11-29T20:00:00.123456Z\"}}");
     assert_null(strstr(b.data, "email"));
     assert_null(strstr(b.data, "secret"));
     assert_null(strstr(b.data, "wallet"));
@@ -116,8 +116,7 @@ static void from_row(void **state)
     const char *payload = "{\"id\": 7, \"side\": \"sell\", \"price\": null, \"email\": \"x@y\","
                           " \"user_id\": \"u2\", \"market\": \"ETH-USD\", \"status\": \"open\","
                           " \"quantity\": \"1.000000000000000001\"}";
-    assert_int_equal(on_event_from_row(5, "u2", "order.created", payload, "1800000001.5", &ev),
-                     0);
+    assert_int_equal(on_event_from_row(5, "u2", "order.created", payload, "1800000001.5", &ev), 0);
     cm_buf_t b = CM_BUF_INIT;
     assert_int_equal(on_event_frame(&ev, &b), 0);
     assert_non_null(strstr(b.data, "\"price\":null"));
@@ -165,10 +164,14 @@ static void allocation_failures(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(parse_notify),   cmocka_unit_test(frame_is_allow_listed),
-        cmocka_unit_test(message_round_trip), cmocka_unit_test(id_only),
-        cmocka_unit_test(invalid_payloads), cmocka_unit_test(from_row),
-        cmocka_unit_test(channel),        cmocka_unit_test(allocation_failures),
+        cmocka_unit_test(parse_notify),
+        cmocka_unit_test(frame_is_allow_listed),
+        cmocka_unit_test(message_round_trip),
+        cmocka_unit_test(id_only),
+        cmocka_unit_test(invalid_payloads),
+        cmocka_unit_test(from_row),
+        cmocka_unit_test(channel),
+        cmocka_unit_test(allocation_failures),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     return rc || cm_alloc_live() != 0;

@@ -68,8 +68,7 @@ static void good_token(void **state)
 static void scope_all(void **state)
 {
     (void)state;
-    char *tok = on_jwt_sign("ops", NOW + 60, "orders:read orders:read:all", SECRET,
-                            strlen(SECRET));
+    char *tok = on_jwt_sign("ops", NOW + 60, "orders:read orders:read:all", SECRET, strlen(SECRET));
     on_jwt_claims_t c;
     assert_int_equal(verify(tok, &c), 0);
     assert_int_equal(c.read_all, 1);
@@ -183,9 +182,12 @@ static void malformed(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(good_token),      cmocka_unit_test(scope_all),
-        cmocka_unit_test(expired),         cmocka_unit_test(wrong_signature),
-        cmocka_unit_test(alg_none_and_others), cmocka_unit_test(missing_claims),
+        cmocka_unit_test(good_token),
+        cmocka_unit_test(scope_all),
+        cmocka_unit_test(expired),
+        cmocka_unit_test(wrong_signature),
+        cmocka_unit_test(alg_none_and_others),
+        cmocka_unit_test(missing_claims),
         cmocka_unit_test(malformed),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
