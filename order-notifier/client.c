@@ -165,6 +165,10 @@ void on_client_deliver(on_client_t *c, on_frame_t *f)
 {
     if (c->closing || !c->started)
         return;
+    /* A resumed client has everything up to last_event_id: a look-back re-publish (catch-up
+     * after a leader change, the replay after a Redis reconnect) must not show it again. */
+    if (c->resume_from >= 0 && f->id <= c->resume_from)
+        return;
     if (c->replaying) {
         on_frame_ref(f);
         if (on_resume_live(&c->resume, f->id, f) != 0) {
