@@ -206,3 +206,31 @@ def test_commit_to_receive_latency(start_daemon, writer_for, capsys):
               f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {latencies[-1] * 1000:.2f} ms")
     assert p99 < 100
     assert metric(on, "order_event_delivery_seconds_count") >= 300
+
+
+def test_catch_up_after_handover_repeats_nothing(start_daemon, writer_for):
+    """The new leader re-publishes the look-back window; a client that resumed on the standby
+    (a fresh subscription there) must not see any of it twice."""
+    env = notifier_env()
+    a = start_daemon("order-notifier", env)
+    b = start_daemon("order-notifier", env)
+    leader = wait_leader(a, b)
+    standby = b if leader is a else a
+    user = uid()
+    w = writer_for(standby)
+    oid = w.create(user)
+    for i in range(10):
+        w.fill(oid, str(i))
+    ids = w.event_ids(user)
+    resume_from = ids[5]
+    client = connect(standby, user, last_event_id=resume_from)
+    replayed = [m["event_id"] for m in recv_updates(client, 5)]
+    assert replayed == ids[6:]
+    leader.kill()
+    assert wait_for(lambda: metric(standby, "notifier_leader") == 1, 10)
+    assert wait_for(lambda: metric(standby, "order_events_published_total") >= len(ids), 10)
+    assert recv_until_quiet(client, 1.0) == []
+    w.fill(oid, "99")
+    live = recv_updates(client, 1)
+    assert [m["event_id"] for m in live] == [w.last_event_id(user)]
+    client.close()
