@@ -667,3 +667,20 @@ def test_bad_configuration_exits_2(start_daemon):
         assert p.returncode == 2, (env, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1
         assert next(iter(env)) in p.stderr or "JWT_SECRET" in p.stderr
+
+
+def test_sighup_reloads_log_level(start_daemon, tmp_path):
+    import signal
+    cfg = tmp_path / "notifier.env"
+    cfg.write_text("LOG_LEVEL=info\n")
+    on = start_daemon("order-notifier", notifier_env(CONFIG_FILE=cfg))
+    cfg.write_text("# reloaded\nLOG_LEVEL=debug\n")
+    on.signal(signal.SIGHUP)
+    assert wait_for(lambda: any(l.get("msg") == "SIGHUP: reloaded" and
+                                l.get("log_level") == "debug" for l in on.log_lines()), 5)
+    # Debug lines now appear (a refused upgrade is logged at debug).
+    http_request("GET", on.url + "/ws/orders")
+    assert wait_for(lambda: any(l.get("level") == "debug" for l in on.log_lines()), 5)
+    cfg.write_text("LOG_LEVEL=shouting\n")
+    on.signal(signal.SIGHUP)
+    assert wait_for(lambda: any("reload failed" in l.get("msg", "") for l in on.log_lines()), 5)
