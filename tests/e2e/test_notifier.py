@@ -649,6 +649,13 @@ def test_dashboard_and_health(start_daemon):
                  "order_event_delivery_seconds_bucket", "pg_listener_up", "notifier_leader",
                  "redis_up", "http_requests_total"):
         assert f"\n{name}" in text, name
+    series = [l.rpartition(" ")[0] for l in text.splitlines() if l and not l.startswith("#")]
+    assert len(series) == len(set(series)), "a series is rendered twice"
+    import shutil
+    import subprocess
+    if shutil.which("promtool"):
+        p = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
+        assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_bad_configuration_exits_2(start_daemon):
