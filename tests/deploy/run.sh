@@ -10,7 +10,8 @@
 # Each check is also run on the broken files in tests/deploy/fixtures/, which it must reject.
 #
 # Environment: MARKETS_BUILD_DIR (default build/) for the runtime-library check of built
-# binaries; CONTRACT_MD to point at CONTRACT.md when it is not beside the repository.
+# binaries; CONTRACT_MD to point at CONTRACT.md when it is not beside the repository;
+# DEPLOY_IMAGE_BUILD=1 to also run the images' build stage here (a minute or two).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -186,6 +187,23 @@ runtime_libs() {  # runtime_libs DOCKERFILE BINARY
   return $rc
 }
 
+# Without a Docker engine: the daemon images' build stage, run here on the same Debian 12, from
+# a context made the way docker makes it (the repository's files that /.dockerignore lets
+# through), with the Dockerfile's own cmake RUN line (/build moved to a temp folder).
+image_build_stage() {  # image_build_stage DOCKERFILE
+  local ctx="$WORK/context.$RANDOM" out="$WORK/image-build.$RANDOM" run
+  mkdir -p "$ctx"
+  for top in $(sed -n 's#^!\([^*]*[^/]\)/*$#\1#p' "$ROOT/.dockerignore"); do
+    [ -e "$ROOT/$top" ] && (cd "$ROOT" && git ls-files -z -- "$top" | xargs -0 -r cp --parents -t "$ctx")
+  done
+  run=$(node -e '
+    const s = require("fs").readFileSync(process.argv[1], "utf8").replace(/\\\n/g, " ");
+    const m = s.split("\n").find((l) => /^RUN .*cmake --build/.test(l));
+    if (!m) process.exit(1);
+    process.stdout.write(m.slice(4));' "$1") || { echo "no cmake RUN line in $1"; return 1; }
+  (cd "$ctx" && sh -ec "${run//\/build/$out}") > "$out.log" 2>&1 || { tail -20 "$out.log"; return 1; }
+}
+
 # nginx accepts the gateway configuration (upstreams pointed at loopback, paths at a temp dir:
 # the real names only resolve inside the compose network).
 gateway_nginx() {  # gateway_nginx CONF
@@ -249,6 +267,14 @@ for d in price-service order-notifier; do
     skip "$d.Dockerfile: runtime libraries" "$bin is not built"
   fi
 done
+
+if [ "${DEPLOY_IMAGE_BUILD:-0}" = 1 ]; then
+  for d in price-service order-notifier; do
+    check "$d.Dockerfile: its build stage builds from the .dockerignore'd context (no engine)" image_build_stage "$ROOT/deploy/docker/$d.Dockerfile"
+  done
+else
+  skip "image build stages from the .dockerignore'd context" "a minute or two: DEPLOY_IMAGE_BUILD=1 runs them"
+fi
 
 check "nginx -t deploy/gateway/nginx.conf" gateway_nginx "$ROOT/deploy/gateway/nginx.conf"
 check "deploy/gateway/nginx.conf: routes, WebSocket headers and timeouts, X-Request-Id, client address" gateway_policy "$ROOT/deploy/gateway/nginx.conf"
