@@ -4,8 +4,9 @@
 //   node checks.js k8s-schema FILE...          every object validates against the API schema
 //   node checks.js k8s-policy FILE             the fields operators rely on (see k8sPolicy)
 //   node checks.js env-drift FILE CONTRACT|- SRCROOT|-
-//                                              contract vars == ConfigMap keys + secret refs,
-//                                              and every variable the C sources read is set
+//                                              ConfigMap keys + secret refs cover the contract
+//                                              and every variable the C sources read, and
+//                                              hold nothing that neither names
 //   node checks.js compose-schema FILE SCHEMA  the compose file against the Compose Spec schema
 //   node checks.js compose-policy FILE EXAMPLE_ENV CONTRACT|- SRCROOT|-
 //   node checks.js dockerfile-policy FILE...   non-root, exec form, health check, --version
@@ -233,16 +234,18 @@ function contractVars(file) {
   return out;
 }
 
-// Variables the C sources read: cm_config_<getter>(c, "NAME", ...) and getenv("NAME"), per
-// daemon folder; common/src counts for both.
+// Variables the C sources read, per daemon folder (common/src counts for both): every string
+// literal shaped like a variable name ("CACHE_TTL_MS": capitals, digits, at least one '_'),
+// whichever helper passes it on to cm_config_*() or getenv(). Comments are skipped.
 function sourceVars(root) {
-  const re = /\b(?:cm_config_[a-z]+\s*\(\s*[^,()]+,|getenv\s*\()\s*"([A-Z][A-Z0-9_]*)"/g;
+  const re = /"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"/g;
   const scan = (dir) => {
     const names = new Set();
     if (!fs.existsSync(dir)) return names;
     for (const f of fs.readdirSync(dir)) {
       if (!/\.[ch]$/.test(f)) continue;
-      const text = fs.readFileSync(path.join(dir, f), 'utf8');
+      const text = fs.readFileSync(path.join(dir, f), 'utf8')
+        .replace(/\/\*[\s\S]*?\*\//g, ' ').replace(/\/\/.*$/gm, ' ');
       for (const m of text.matchAll(re)) names.add(m[1]);
     }
     return names;
