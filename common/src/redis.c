@@ -111,6 +111,7 @@ struct cm_redis {
     cm_redis_stats_t stats;
 
     uv_timer_t cmd_timer;    /* earliest deadline */
+    uint64_t cmd_due_ms;     /* loop time the cmd_timer was armed for */
     uv_timer_t conn_timer;   /* connect timeout, then reconnect backoff */
     uv_timer_t health_timer; /* idle PING */
     uv_timer_t defer_timer;  /* zero-delay work: free a detached context, close */
@@ -542,6 +543,19 @@ static void on_cmd_timer(uv_timer_t *t)
 
     if (r->closing || r->link != LINK_UP)
         return;
+    /* A timer firing long after its due time means the loop itself was busy (a burst of work
+     * in one iteration): commands queued meanwhile were not even written yet, and replies may
+     * be waiting unread, since libuv runs timers before it polls sockets. That delay is ours,
+     * not the server's: restart every clock from now and let the poll phase run first. */
+    if (now > r->cmd_due_ms + to / 2) {
+        cmd_list_t *lists[3] = {&r->pending, &r->late, &r->pings};
+        for (int i = 0; i < 3; i++)
+            for (c = lists[i]->head; c; c = c->next)
+                c->sent_ms = now;
+        r->probe_sent_ms = now;
+        arm_cmd_timer(r);
+        return;
+    }
     while ((c = r->pending.head) != NULL && c->sent_ms + to <= now) {
         list_remove(&r->pending, c);
         c->state = CMD_LATE;
@@ -599,6 +613,7 @@ static void arm_cmd_timer(cm_redis_t *r)
         return;
     }
     uint64_t now = uv_now(r->loop);
+    r->cmd_due_ms = due > now ? due : now;
     uv_timer_start(&r->cmd_timer, on_cmd_timer, due > now ? due - now : 0, 0);
 }
 

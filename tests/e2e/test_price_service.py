@@ -72,19 +72,23 @@ def test_miss_then_hit_with_exact_decimals(start_daemon, db):
 
 
 def test_redis_holds_only_price_entries(start_daemon, db, servers):
-    ps = start_daemon("price-service")
+    # A Redis database of its own, so other tests' keys do not count.
+    url = servers.env["REDIS_URL"].rsplit("/", 1)[0] + "/7"
+    servers.redis_cli("-n", "7", "FLUSHDB")
+    ps = start_daemon("price-service", {"REDIS_URL": url})
     market = new_market(db, confidence=None)
     http_request("GET", ps.url + PRICE + market,
                  headers={"Authorization": "Bearer secret-token", "Cookie": "session=abc"})
     http_request("GET", ps.url + PRICE + "NO-SUCH-" + uuid.uuid4().hex[:6])
-    value = servers.redis_cli("GET", f"price:v1:{market}")
+    http_request("GET", ps.url + "/api/markets/prices?markets=" + market + ",OTHER")
+    value = servers.redis_cli("-n", "7", "GET", f"price:v1:{market}")
     assert json.loads(value)["confidence"] is None
-    keys = servers.redis_cli("--scan").split()
+    keys = servers.redis_cli("-n", "7", "--scan").split()
     assert keys and all(k.startswith("price:v1:") for k in keys), keys
     for k in keys:
-        ttl = int(servers.redis_cli("PTTL", k))
-        assert ttl > 0 or ttl == -2  # every entry expires (-2: expired since the SCAN)
-        v = servers.redis_cli("GET", k)
+        ttl = int(servers.redis_cli("-n", "7", "PTTL", k))
+        assert 0 < ttl <= 1000 or ttl == -2  # every entry expires (-2: expired since the SCAN)
+        v = servers.redis_cli("-n", "7", "GET", k)
         assert "secret-token" not in v and "session" not in v
 
 

@@ -314,6 +314,35 @@ static void command_timeout(void **state)
 }
 
 /* A server that stops answering is dropped, reported down, and reconnected once it answers. */
+/* A busy loop is not a slow server: replies that arrived while the loop was blocked are read
+ * before any deadline is judged (libuv runs timers before polling sockets). */
+static void busy_loop_is_not_a_timeout(void **state)
+{
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    state_t st = {0};
+    cm_redis_t *r = open_client(&loop, &st, 50, "busy");
+    reply_t replies[5] = {{0}};
+    for (int round = 0; round < 5; round++) {
+        assert_int_equal(cm_redis_command(r, on_reply, &replies[round], "PING"), 0);
+        /* Block the loop well past the deadline; Redis answers meanwhile. */
+        uint64_t until = uv_hrtime() + 150 * 1000000ull;
+        while (uv_hrtime() < until)
+            ;
+        uv_update_time(&loop);
+        assert_true(run_until(&loop, &replies[round].calls, 1, 1000));
+        assert_int_equal(replies[round].status, CM_REDIS_OK);
+        assert_string_equal(replies[round].str, "PONG");
+    }
+    cm_redis_stats_t stats;
+    cm_redis_stats(r, &stats);
+    assert_int_equal(stats.timeouts, 0);
+    assert_int_equal(st.downs, 0);
+    close_client(&loop, r);
+    finish_loop(&loop);
+}
+
 static void stalled_server(void **state)
 {
     (void)state;
@@ -725,6 +754,7 @@ int main(void)
         cmocka_unit_test(ping_latency),
         cmocka_unit_test(auth_and_select),
         cmocka_unit_test(command_timeout),
+        cmocka_unit_test(busy_loop_is_not_a_timeout),
         cmocka_unit_test(stalled_server),
         cmocka_unit_test(pubsub_and_resubscribe),
         cmocka_unit_test(server_down_and_back),
