@@ -13,6 +13,15 @@
  *
  * One libuv loop for the sockets (wslay client contexts); the writer uses blocking libpq in its
  * own thread so the loop never waits on Postgres.
+ *
+ * With -e 0 there is no writer: something else commits (bench/run uses pgbench) and each
+ * update's latency is taken from the order's updated_at, which the committing statement sets to
+ * clock_timestamp(), to the frame's arrival (CLOCK_REALTIME; one box, one clock). The clients
+ * stay connected until SIGTERM/SIGINT; "READY conns=N failed=F" is printed once all are in, and
+ * each SIGUSR1 prints one line "STATS received=... p50_us=... p99_us=... p999_us=... max_us=...
+ * closed=..." for the deliveries since the previous SIGUSR1 and starts a new period. In both
+ * modes at most -k connection attempts (default 256) are in flight at once, so 10,000 clients
+ * do not overflow the notifier's accept backlog.
  */
 #include "jwt.h"
 
@@ -63,6 +72,14 @@ static size_t nlat, expected;
 static uint64_t t_connect_start;
 static uv_timer_t tick;
 static atomic_int writer_done;
+static int started, max_pending = 256;
+
+/* External-writer mode (-e 0): a latency histogram in microseconds, reset by SIGUSR1. */
+#define HIST_MAX_US 2000000
+static uint32_t *hist; /* HIST_MAX_US + 1 buckets, the last one for "longer" */
+static uint64_t hist_n, hist_max_us, hist_closed;
+static uv_signal_t sig_usr1, sig_term, sig_int;
+static void start_next(void);
 
 static uint64_t now_ns(void)
 {
@@ -169,6 +186,27 @@ static int ws_genmask(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, voi
     return RAND_bytes(buf, (int)len) == 1 ? 0 : -1;
 }
 
+/* Microseconds from `iso` ("2026-11-29T20:00:00.123456Z", UTC) to now (CLOCK_REALTIME); -1
+ * when it does not parse. */
+static int64_t age_us(const char *iso)
+{
+    struct tm tm = {0};
+    char frac[8] = "0";
+    if (sscanf(iso, "%4d-%2d-%2dT%2d:%2d:%2d.%6[0-9]", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+               &tm.tm_hour, &tm.tm_min, &tm.tm_sec, frac) < 6)
+        return -1;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    long micros = strtol(frac, NULL, 10);
+    for (size_t k = strlen(frac); k < 6; k++)
+        micros *= 10;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    int64_t at = (int64_t)timegm(&tm) * 1000000 + micros;
+    int64_t d = (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000 - at;
+    return d < 0 ? 0 : d;
+}
+
 static void ws_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
                    void *ud)
 {
@@ -183,6 +221,17 @@ static void ws_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_
         if (++welcomed == opt.conns)
             fprintf(stderr, "ws_load: %d connections welcomed in %.2f s\n", welcomed,
                     (double)(t - t_connect_start) / 1e9);
+        start_next();
+    } else if (hist && cJSON_IsString(type) && strcmp(type->valuestring, "order_update") == 0) {
+        const cJSON *order = cJSON_GetObjectItemCaseSensitive(j, "order");
+        const cJSON *at = cJSON_GetObjectItemCaseSensitive(order, "updated_at");
+        int64_t us = cJSON_IsString(at) ? age_us(at->valuestring) : -1;
+        if (us >= 0) {
+            hist[us < HIST_MAX_US ? us : HIST_MAX_US]++;
+            hist_n++;
+            if ((uint64_t)us > hist_max_us)
+                hist_max_us = (uint64_t)us;
+        }
     } else if (cJSON_IsString(type) && strcmp(type->valuestring, "order_update") == 0) {
         const cJSON *order = cJSON_GetObjectItemCaseSensitive(j, "order");
         const cJSON *fq = cJSON_GetObjectItemCaseSensitive(order, "filled_quantity");
@@ -210,8 +259,13 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
 {
     conn_t *c = s->data;
     if (n < 0) {
-        failed++;
+        if (c->upgraded && welcomed == opt.conns)
+            hist_closed++;
+        else
+            failed++;
         uv_close((uv_handle_t *)s, NULL);
+        if (!c->upgraded)
+            start_next();
         return;
     }
     const char *data = buf->base;
@@ -229,6 +283,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
             fprintf(stderr, "ws_load: upgrade refused: %.40s\n", c->head);
             failed++;
             uv_close((uv_handle_t *)s, NULL);
+            start_next();
             return;
         }
         c->upgraded = 1;
@@ -249,6 +304,8 @@ static void on_connect(uv_connect_t *req, int status)
     if (status) {
         fprintf(stderr, "ws_load: connect: %s\n", uv_strerror(status));
         failed++;
+        uv_close((uv_handle_t *)&c->tcp, NULL);
+        start_next();
         return;
     }
     connected++;
@@ -268,6 +325,59 @@ static void on_connect(uv_connect_t *req, int status)
     cm_free(tok);
     send_raw(c, req_text, (size_t)n);
     uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read);
+}
+
+/* The latency at quantile q of the current period, in microseconds. */
+static uint64_t hist_quantile(double q)
+{
+    uint64_t rank = (uint64_t)(q * (double)hist_n), seen = 0;
+    for (uint64_t us = 0; us <= HIST_MAX_US; us++) {
+        seen += hist[us];
+        if (seen > rank)
+            return us;
+    }
+    return HIST_MAX_US;
+}
+
+static void on_usr1(uv_signal_t *h, int signum)
+{
+    (void)h;
+    (void)signum;
+    printf("STATS received=%llu p50_us=%llu p99_us=%llu p999_us=%llu max_us=%llu closed=%llu\n",
+           (unsigned long long)hist_n, (unsigned long long)(hist_n ? hist_quantile(0.5) : 0),
+           (unsigned long long)(hist_n ? hist_quantile(0.99) : 0),
+           (unsigned long long)(hist_n ? hist_quantile(0.999) : 0), (unsigned long long)hist_max_us,
+           (unsigned long long)hist_closed);
+    fflush(stdout);
+    memset(hist, 0, (HIST_MAX_US + 1) * sizeof *hist);
+    hist_n = hist_max_us = 0;
+}
+
+static void on_stop(uv_signal_t *h, int signum)
+{
+    (void)h;
+    (void)signum;
+    for (int i = 0; i < started; i++)
+        if (!uv_is_closing((uv_handle_t *)&conns[i].tcp))
+            uv_close((uv_handle_t *)&conns[i].tcp, NULL);
+    uv_close((uv_handle_t *)&sig_usr1, NULL);
+    uv_close((uv_handle_t *)&sig_term, NULL);
+    uv_close((uv_handle_t *)&sig_int, NULL);
+}
+
+/* Starts connection attempts while fewer than max_pending are between connect and welcome. */
+static void start_next(void)
+{
+    static struct sockaddr_in addr;
+    if (!started)
+        uv_ip4_addr(opt.host, opt.port, &addr);
+    while (started < opt.conns && started - welcomed - failed < max_pending) {
+        conn_t *c = &conns[started++];
+        uv_tcp_init(loop, &c->tcp);
+        c->tcp.data = c;
+        c->connect_req.data = c;
+        uv_tcp_connect(&c->connect_req, &c->tcp, (const struct sockaddr *)&addr, on_connect);
+    }
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -302,7 +412,7 @@ int main(int argc, char **argv)
     const char *url = "ws://127.0.0.1:8081/ws/orders";
     int ch;
     opt.channel = getenv("PG_CHANNEL") ? getenv("PG_CHANNEL") : "order_events";
-    while ((ch = getopt(argc, argv, "u:n:U:e:r:c:h")) != -1) {
+    while ((ch = getopt(argc, argv, "u:n:U:e:r:c:k:h")) != -1) {
         switch (ch) {
         case 'u':
             url = optarg;
@@ -322,9 +432,13 @@ int main(int argc, char **argv)
         case 'c':
             opt.channel = optarg;
             break;
+        case 'k':
+            max_pending = atoi(optarg);
+            break;
         default:
             fprintf(stderr, "usage: ws_load [-u url] [-n conns] [-U users] [-e events] [-r rate]"
-                            " [-c channel]   (DATABASE_URL, JWT_SECRET from the environment)\n");
+                            " [-c channel] [-k pending-connects]   (DATABASE_URL, JWT_SECRET"
+                            " from the environment; -e 0: external writer, see ws_load.c)\n");
             return 2;
         }
     }
@@ -337,8 +451,8 @@ int main(int argc, char **argv)
     opt.dsn = getenv("DATABASE_URL");
     opt.secret =
         getenv("JWT_SECRET") ? getenv("JWT_SECRET") : "dev-only-order-notifier-secret-change-me";
-    if (!opt.dsn || opt.conns < 1 || opt.users < 1 || opt.users > opt.conns || opt.events < 1 ||
-        opt.rate < 1) {
+    if ((!opt.dsn && opt.events > 0) || opt.conns < 1 || opt.users < 1 || opt.users > opt.conns ||
+        opt.events < 0 || opt.rate < 1 || max_pending < 1) {
         fprintf(stderr, "ws_load: DATABASE_URL required; 1 <= users <= conns\n");
         return 2;
     }
@@ -350,22 +464,36 @@ int main(int argc, char **argv)
         for (int i = e % opt.users; i < opt.conns; i += opt.users)
             expected++;
     lat = calloc(expected, sizeof *lat);
-    struct sockaddr_in addr;
-    uv_ip4_addr(opt.host, opt.port, &addr);
     t_connect_start = now_ns();
     for (int i = 0; i < opt.conns; i++) {
         conn_t *c = &conns[i];
         c->user = i % opt.users;
-        uv_tcp_init(loop, &c->tcp);
-        c->tcp.data = c;
-        c->connect_req.data = c;
         struct wslay_event_callbacks cbs = {ws_recv, ws_send, ws_genmask, NULL, NULL, NULL, ws_msg};
         wslay_event_context_client_init(&c->ctx, &cbs, c);
-        uv_tcp_connect(&c->connect_req, &c->tcp, (const struct sockaddr *)&addr, on_connect);
     }
+    start_next();
     /* Start writing once everyone is in. */
     while (welcomed + failed < opt.conns)
         uv_run(loop, UV_RUN_ONCE);
+    if (opt.events == 0) {
+        hist = calloc(HIST_MAX_US + 1, sizeof *hist);
+        printf("READY conns=%d failed=%d\n", welcomed, failed);
+        fflush(stdout);
+        uv_signal_init(loop, &sig_usr1);
+        uv_signal_start(&sig_usr1, on_usr1, SIGUSR1);
+        uv_signal_init(loop, &sig_term);
+        uv_signal_start(&sig_term, on_stop, SIGTERM);
+        uv_signal_init(loop, &sig_int);
+        uv_signal_start(&sig_int, on_stop, SIGINT);
+        uv_run(loop, UV_RUN_DEFAULT);
+        for (int i = 0; i < opt.conns; i++)
+            wslay_event_context_free(conns[i].ctx);
+        free(conns);
+        free(hist);
+        free(lat);
+        free((void *)sent_ns);
+        return uv_loop_close(loop) == 0 ? 0 : 1;
+    }
     pthread_t th;
     pthread_create(&th, NULL, writer, NULL);
     uv_timer_init(loop, &tick);
