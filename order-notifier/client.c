@@ -246,7 +246,7 @@ static void start_resume(on_client_t *c)
                          "SELECT id::text, user_id, event_type, payload::text, "
                          "extract(epoch FROM created_at)::text FROM order_events "
                          "WHERE ($1::text IS NULL OR user_id = $1) AND id > $2::bigint "
-                         "ORDER BY id LIMIT $3::int",
+                         "ORDER BY order_events.id LIMIT $3::int",
                          3, params, QUERY_TIMEOUT_MS, resume_done, c);
     if (rc != 0) {
         cm_log_warn("cannot resume now (Postgres unavailable); closing with 1013", NULL);

@@ -411,7 +411,7 @@ static void replay_run(uv_timer_t *t)
                          "extract(epoch FROM created_at)::text FROM order_events "
                          "WHERE created_at >= to_timestamp($1::float8) AND ($2::jsonb IS NULL "
                          "OR user_id IN (SELECT jsonb_array_elements_text($2::jsonb))) "
-                         "ORDER BY id LIMIT $3::int",
+                         "ORDER BY order_events.id LIMIT $3::int",
                          3, params, QUERY_TIMEOUT_MS, replay_done, h);
     cJSON_free(users);
     if (rc != 0) {

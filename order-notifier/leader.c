@@ -22,6 +22,8 @@
 #define QUERY_TIMEOUT_MS 5000
 #define ALL_CHANNEL "orders:all"
 
+/* Every query that selects `id::text` must ORDER BY order_events.id: a bare `ORDER BY id`
+ * names the text output column and sorts "10" before "9" (a LIMIT page then skips rows). */
 #define EVENT_COLUMNS                                                                              \
     "SELECT id::text, user_id, event_type, payload::text, extract(epoch FROM created_at)::text "   \
     "FROM order_events "
@@ -261,7 +263,7 @@ static void start_catchup(on_leader_t *l, int64_t after, unsigned gen)
     const char *params[3] = {secs, after_s, limit};
     int rc = cm_pg_query(l->app->pg,
                          EVENT_COLUMNS "WHERE created_at >= now() - make_interval(secs => "
-                                       "$1::float8) AND id > $2::bigint ORDER BY id LIMIT $3::int",
+                                       "$1::float8) AND id > $2::bigint ORDER BY order_events.id LIMIT $3::int",
                          3, params, QUERY_TIMEOUT_MS, catchup_done, c);
     if (rc != 0) {
         cm_free(c); /* no pool connection yet: the next liveness tick retries */

@@ -95,6 +95,24 @@ class Writer:
         self.conn.close()
 
 
+def put_outbox_rows(conn, user, ids):
+    """Writes outbox rows with chosen ids (no NOTIFY): ids far above the sequence, removed first
+    so a rerun against the same database starts clean."""
+    order = {"id": 1, "user_id": user, "market": "BTC-USD", "side": "buy", "price": "1",
+             "quantity": "1", "filled_quantity": "0", "status": "open",
+             "updated_at": "2026-11-29T20:00:00.000000Z"}
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM order_events WHERE id = ANY(%s)", (list(ids),))
+        cur.execute("INSERT INTO order_events (id, order_id, user_id, event_type, payload) "
+                    "OVERRIDING SYSTEM VALUE SELECT i, 1, %s, 'order.updated', %s::jsonb "
+                    "FROM unnest(%s::bigint[]) AS i", (user, json.dumps(order), list(ids)))
+
+
+def drop_outbox_rows(conn, ids):
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM order_events WHERE id = ANY(%s)", (list(ids),))
+
+
 @pytest.fixture
 def writer_for(servers):
     made = []
@@ -451,6 +469,25 @@ def test_resume_gives_exactly_the_missed_events(start_daemon, writer_for):
     assert recv_until_quiet(ws, 0.5) == []
     ws.close()
     assert metric(on, "ws_resumes_total") == 1
+
+
+def test_resume_orders_ids_by_number_not_text(start_daemon, writer_for):
+    """Missed ids of different lengths (99999999999 then 100000000000) come in numeric order:
+    the replay must not sort the text it selects."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    d = 10 ** 11
+    ids = [d - 2, d - 1, d, d + 1, d + 2]
+    put_outbox_rows(w.conn, user, ids)
+    try:
+        ws = connect(on, user, last_event_id=d - 3)
+        got = [m["event_id"] for m in recv_updates(ws, 5)]
+        assert got == ids
+        assert recv_until_quiet(ws, 0.3) == []
+        ws.close()
+    finally:
+        drop_outbox_rows(w.conn, ids)
 
 
 def test_resume_while_events_keep_committing(start_daemon, writer_for, servers):

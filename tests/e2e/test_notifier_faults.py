@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from test_notifier import (Writer, connect, metric, notifier_env, recv_json, recv_until_quiet,
-                           recv_updates, uid, wait_for, wait_leader, writer_for)  # noqa: F401
+from test_notifier import (Writer, connect, drop_outbox_rows, metric, notifier_env,  # noqa: F401
+                           put_outbox_rows, recv_json, recv_until_quiet, recv_updates, uid,
+                           wait_for, wait_leader, writer_for)
 
 
 class BackgroundWriter:
@@ -135,6 +136,29 @@ def test_listen_session_killed_catches_up(start_daemon, writer_for, servers):
     expected = w.event_ids(user)
     check_exactly_once(collect(client, len(expected)), expected)
     assert metric(on, "pg_reconnects_total") >= 1
+    client.close()
+
+
+def test_catch_up_pages_in_id_order(start_daemon, writer_for, servers):
+    """Catch-up reads the outbox in pages of 1000 after the largest id of the previous page; a
+    page sorted as text (100000000000 before 99999999000) would make it skip rows."""
+    env = notifier_env()
+    on = start_daemon("order-notifier", env)
+    wait_leader(on)
+    user = uid()
+    w = writer_for(on)
+    client = connect(on, user)
+    d = 10 ** 12
+    ids = list(range(d - 1000, d + 3))
+    put_outbox_rows(w.conn, user, ids)  # no NOTIFY: only a catch-up can find them
+    try:
+        with w.conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'order-notifier' AND pid <> pg_backend_pid()")
+        got = collect(client, len(ids), timeout=15)
+        check_exactly_once(got, ids)
+    finally:
+        drop_outbox_rows(w.conn, ids)
     client.close()
 
 
