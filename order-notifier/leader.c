@@ -262,8 +262,9 @@ static void start_catchup(on_leader_t *l, int64_t after, unsigned gen)
     snprintf(limit, sizeof limit, "%d", CATCHUP_PAGE);
     const char *params[3] = {secs, after_s, limit};
     int rc = cm_pg_query(l->app->pg,
-                         EVENT_COLUMNS "WHERE created_at >= now() - make_interval(secs => "
-                                       "$1::float8) AND id > $2::bigint ORDER BY order_events.id LIMIT $3::int",
+                         EVENT_COLUMNS
+                         "WHERE created_at >= now() - make_interval(secs => "
+                         "$1::float8) AND id > $2::bigint ORDER BY order_events.id LIMIT $3::int",
                          3, params, QUERY_TIMEOUT_MS, catchup_done, c);
     if (rc != 0) {
         cm_free(c); /* no pool connection yet: the next liveness tick retries */
