@@ -24,6 +24,12 @@
 #define RESUME_LIMIT 1000
 #define QUERY_TIMEOUT_MS 5000
 #define TOKEN_MAX 4096
+/* How long a resumed client remembers the ids it replayed: at least a minute (or two ping
+ * intervals), and longer than NOTIFIER_CATCHUP_LOOKBACK_MS, because a catch-up only
+ * re-publishes events created within that look-back, and every replayed event was created
+ * before the resume. */
+#define REPLAYED_GRACE_MIN_MS 60000
+#define REPLAYED_GRACE_MARGIN_MS 10000
 
 /* ---- frames --------------------------------------------------------------------------------- */
 
@@ -63,6 +69,7 @@ static void maybe_free(on_client_t *c)
 {
     if (!c->conn_closed || c->pending > 0)
         return;
+    cm_free(c->replayed);
     on_ws_free(c->ws);
     cm_free(c);
 }
@@ -169,6 +176,15 @@ void on_client_deliver(on_client_t *c, on_frame_t *f)
      * after a leader change, the replay after a Redis reconnect) must not show it again. */
     if (c->resume_from >= 0 && f->id <= c->resume_from)
         return;
+    if (c->replayed) {
+        if (uv_now(c->app->loop) >= c->replayed_until_ms) {
+            cm_free(c->replayed);
+            c->replayed = NULL;
+            c->nreplayed = 0;
+        } else if (on_idlist_has(c->replayed, c->nreplayed, f->id)) {
+            return;
+        }
+    }
     if (c->replaying) {
         on_frame_ref(f);
         if (on_resume_live(&c->resume, f->id, f) != 0) {
@@ -212,6 +228,14 @@ static void resume_done(cm_pg_t *pg, const PGresult *res, const char *error, voi
     }
     int n = PQntuples(res);
     cm_buf_t b = CM_BUF_INIT;
+    int64_t *replayed = n > 0 ? cm_malloc((size_t)n * sizeof *replayed) : NULL;
+    size_t nreplayed = 0;
+    if (n > 0 && !replayed) {
+        c->replaying = 0;
+        on_resume_free(&c->resume, drop_frame);
+        on_client_close(c, ON_WS_CLOSE_INTERNAL);
+        return;
+    }
     for (int i = 0; i < n && !c->closing; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
         on_event_t ev;
@@ -224,12 +248,28 @@ static void resume_done(cm_pg_t *pg, const PGresult *res, const char *error, voi
             if (on_event_frame(&ev, &b) == 0) {
                 if (send_text(c, b.data, b.len) == 0)
                     cm_counter_inc(c->app->m.ws_messages_sent);
-                on_hub_mark_seen(c->app->hub, c, id);
+                /* Rows come in id order (ORDER BY order_events.id): the array stays sorted. */
+                if (nreplayed == 0 || replayed[nreplayed - 1] < id)
+                    replayed[nreplayed++] = id;
             }
         }
         on_event_clear(&ev);
     }
     cm_buf_free(&b);
+    if (nreplayed > 0) {
+        uint64_t grace = (uint64_t)c->app->cfg.lookback_ms + REPLAYED_GRACE_MARGIN_MS;
+        uint64_t pings = 2 * (uint64_t)c->app->cfg.ws_ping_interval_ms;
+        if (grace < pings)
+            grace = pings;
+        if (grace < REPLAYED_GRACE_MIN_MS)
+            grace = REPLAYED_GRACE_MIN_MS;
+        cm_free(c->replayed);
+        c->replayed = replayed;
+        c->nreplayed = nreplayed;
+        c->replayed_until_ms = uv_now(c->app->loop) + grace;
+    } else {
+        cm_free(replayed);
+    }
     c->replaying = 0;
     on_resume_finish(&c->resume, emit_held, c);
 }

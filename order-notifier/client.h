@@ -53,6 +53,13 @@ struct on_client {
     int started;   /* welcome sent */
     int replaying; /* resume query in flight: live frames are held in `resume` */
     on_resume_t resume;
+    /* Ids this client got from its resume replay, sorted ascending. A live copy of one (it was
+     * committed before the replay query but published after it, or re-published by a catch-up)
+     * is dropped here rather than in the entry, whose other sockets still need it. Kept until
+     * replayed_until_ms (loop time), then freed. */
+    int64_t *replayed;
+    size_t nreplayed;
+    uint64_t replayed_until_ms;
     int closing;     /* close frame queued or connection closing */
     int conn_closed; /* on_close fired */
     int pending;     /* queries and open timers that borrow the client */

@@ -134,6 +134,21 @@ size_t on_idset_size(const on_idset_t *s)
     return s->count;
 }
 
+int on_idlist_has(const int64_t *ids, size_t n, int64_t id)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ids[mid] == id)
+            return 1;
+        if (ids[mid] < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
 /* ---- resume ----------------------------------------------------------------------------- */
 
 void on_resume_start(on_resume_t *r)

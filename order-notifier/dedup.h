@@ -37,6 +37,9 @@ int on_idset_add(on_idset_t *s, int64_t id);
 /* Number of ids remembered. */
 size_t on_idset_size(const on_idset_t *s);
 
+/* Non-zero when `id` is among the `n` ids of `ids`, sorted ascending (binary search). */
+int on_idlist_has(const int64_t *ids, size_t n, int64_t id);
+
 /*
  * Resume of one client (`last_event_id`): the missed events are read from the outbox while
  * live events keep arriving. Live events are held back until the replay has been sent, then

@@ -315,13 +315,6 @@ void on_hub_leave(on_hub_t *h, on_client_t *c)
         entry_free(h, e);
 }
 
-void on_hub_mark_seen(on_hub_t *h, on_client_t *c, int64_t id)
-{
-    (void)h;
-    if (c->entry)
-        (void)on_idset_add(&c->entry->seen, id);
-}
-
 size_t on_hub_clients(const on_hub_t *h)
 {
     return h->nclients;

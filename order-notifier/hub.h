@@ -4,8 +4,10 @@
  * One entry per connected user holds that user's sockets and the SUBSCRIBE to
  * `orders:user:<id>` (made for the first socket, dropped after the last); sockets whose token
  * has scope orders:read:all share one entry on `orders:all`. Each entry de-duplicates event ids
- * (a bounded set) so that the look-back of catch-up, replay and leader changes never shows a
- * client the same event twice, and builds each frame once for all its sockets.
+ * (a bounded set) so that an event published to its channel twice (the look-back of a leader's
+ * catch-up, the replay after a Redis reconnect) reaches its sockets once, and builds each frame
+ * once for all its sockets. What one socket got another way (its resume replay) is that
+ * socket's business (client.c): the entry's other sockets still need the live copy.
  *
  * A SUBSCRIBE is only known to be in effect when something published after it arrives, so a
  * new entry publishes a private sync marker on its channel and the sockets waiting on it get
@@ -39,10 +41,6 @@ void on_hub_close(on_hub_t *h, void (*done)(void *ud), void *ud);
 int on_hub_join(on_hub_t *h, struct on_client *c);
 /* Removes a client (UNSUBSCRIBE after the user's last one). Safe for clients never joined. */
 void on_hub_leave(on_hub_t *h, struct on_client *c);
-
-/* Records that `id` reached the client's sockets another way (its resume replay), so a later
- * re-publish of it is not shown again. */
-void on_hub_mark_seen(on_hub_t *h, struct on_client *c, int64_t id);
 
 /* Connected WebSocket clients. */
 size_t on_hub_clients(const on_hub_t *h);

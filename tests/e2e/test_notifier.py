@@ -184,6 +184,22 @@ def recv_until_quiet(ws, quiet=0.5):
             out.append(msg)
 
 
+def recv_for(ws, seconds):
+    """The order_update frames that arrive within `seconds` (a stream that never goes quiet)."""
+    out = []
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return out
+        try:
+            msg = recv_json(ws, timeout=left)
+        except websocket.WebSocketTimeoutException:
+            return out
+        if msg.get("type") == "order_update":
+            out.append(msg)
+
+
 def close_code(ws, timeout=5):
     """Reads until a close frame and returns its status code (None without one)."""
     ws.settimeout(timeout)
@@ -488,6 +504,59 @@ def test_resume_orders_ids_by_number_not_text(start_daemon, writer_for):
         ws.close()
     finally:
         drop_outbox_rows(w.conn, ids)
+
+
+def test_live_sibling_keeps_events_a_resuming_client_replays(start_daemon, writer_for, servers):
+    """Two sockets of one user on one replica: a live one, and one that resumes (again and
+    again) while events keep committing. What the resuming one replays must still reach the
+    live one when it arrives through Redis; each gets every event exactly once."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    live = connect(on, user)
+    oid = w.create(user)
+    stop = threading.Event()
+    live_got = []
+
+    def read_live():
+        while not stop.is_set():
+            live_got.extend(m["event_id"] for m in recv_updates(live, 1000, timeout=0.2))
+
+    def keep_writing():
+        w2 = Writer(servers, on.env["PG_CHANNEL"])
+        n = 0
+        while not stop.is_set():
+            w2.fill(oid, str(n))
+            n += 1
+            time.sleep(0.001)
+        w2.close()
+
+    reader = threading.Thread(target=read_live)
+    writer = threading.Thread(target=keep_writing)
+    reader.start()
+    writer.start()
+    try:
+        for _ in range(8):
+            time.sleep(0.1)
+            start = max(w.last_event_id(user) - 20, 0)
+            before = w.event_ids(user, after=start)  # the replay has these at least
+            r = connect(on, user, last_event_id=start)
+            got = [m["event_id"] for m in recv_for(r, 0.3)]
+            r.close()
+            assert len(got) == len(set(got)), "resuming client got duplicates"
+            assert set(before) <= set(got), "resume gap"
+    finally:
+        time.sleep(0.2)
+        stop.set()
+        writer.join()
+    time.sleep(0.5)
+    reader.join()
+    live_got += [m["event_id"] for m in recv_until_quiet(live, 0.5)]
+    expected = w.event_ids(user)
+    assert len(live_got) == len(set(live_got)), "live client got duplicates"
+    missing = sorted(set(expected) - set(live_got))
+    assert not missing, f"live client lost {len(missing)} of {len(expected)}: {missing[:10]}"
+    live.close()
 
 
 def test_resume_while_events_keep_committing(start_daemon, writer_for, servers):

@@ -128,12 +128,32 @@ static void resume_abandoned(void **state)
     assert_int_equal(cm_alloc_live(), 0);
 }
 
+/* A resumed client's replayed ids: exact look-ups, nothing found between or outside them. */
+static void idlist_lookup(void **state)
+{
+    (void)state;
+    assert_false(on_idlist_has(NULL, 0, 5));
+    const int64_t one[] = {7};
+    assert_true(on_idlist_has(one, 1, 7));
+    assert_false(on_idlist_has(one, 1, 6));
+    assert_false(on_idlist_has(one, 1, 8));
+    int64_t ids[1000];
+    for (int i = 0; i < 1000; i++)
+        ids[i] = 9 + 3 * (int64_t)i; /* crosses 99 -> 102 and 999 -> 1002 */
+    for (int i = 0; i < 1000; i++) {
+        assert_true(on_idlist_has(ids, 1000, ids[i]));
+        assert_false(on_idlist_has(ids, 1000, ids[i] + 1));
+    }
+    assert_false(on_idlist_has(ids, 1000, 8));
+    assert_false(on_idlist_has(ids, 1000, ids[999] + 3));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(idset_basic),      cmocka_unit_test(idset_window),
         cmocka_unit_test(idset_nomem),      cmocka_unit_test(resume_merge),
-        cmocka_unit_test(resume_abandoned),
+        cmocka_unit_test(resume_abandoned), cmocka_unit_test(idlist_lookup),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     return rc || cm_alloc_live() != 0;
