@@ -1,10 +1,10 @@
 #include "config.h"
 
-#include <libpq-fe.h>
 #include <stdio.h>
 #include <string.h>
 #include <uv.h>
 
+#include "cm/pg.h"
 #include "cm/redis.h"
 
 const char *const ps_config_reloadable[] = {"CACHE_ENABLED", "CACHE_TTL_MS",
@@ -14,38 +14,6 @@ static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const formats[] = {"json", "text", NULL};
 
 /* Records "<KEY>: <what>" as the error unless an earlier one is there. */
-static void reject(cm_config_t *c, const char *key, const char *what, const char *detail)
-{
-    if (!c->failed) {
-        snprintf(c->error, sizeof c->error, "%s: %s%s", key, what, detail);
-        c->failed = 1;
-    }
-}
-
-/* A URL setting: in production it must be given; its syntax is checked here, not at connect. */
-static void url_setting(cm_config_t *c, int production, const char *key, const char *def,
-                        const char **out)
-{
-    cm_config_str(c, key, production ? NULL : def, out);
-    if (!*out) {
-        reject(c, key, "required when APP_ENV=production", "");
-        return;
-    }
-    if (strcmp(key, "REDIS_URL") == 0) {
-        cm_redis_url_t u;
-        if (cm_redis_url_parse(*out, &u) != 0)
-            reject(c, key, "expected redis://[user:password@]host[:port][/db] or unix:///path",
-                   "");
-    } else {
-        char *errmsg = NULL;
-        PQconninfoOption *opts = PQconninfoParse(*out, &errmsg);
-        if (!opts)
-            reject(c, key, "not a libpq connection string: ", errmsg ? errmsg : "out of memory");
-        PQconninfoFree(opts);
-        PQfreemem(errmsg);
-    }
-}
-
 static void reloadable(cm_config_t *c, ps_config_t *out)
 {
     int idx;
@@ -59,15 +27,15 @@ static void reloadable(cm_config_t *c, ps_config_t *out)
 int ps_config_load(cm_config_t *c, ps_config_t *out)
 {
     memset(out, 0, sizeof *out);
-    const char *env;
     int idx;
-    cm_config_str(c, "APP_ENV", "development", &env);
-    out->production = env && strcmp(env, "production") == 0;
+    cm_config_app_env(c);
+    out->production = c->production;
     cm_config_listen(c, "PRICE_SERVICE_LISTEN", "0.0.0.0:8080", out->listen_host,
                      sizeof out->listen_host, &out->listen_port);
-    url_setting(c, out->production, "REDIS_URL", "redis://127.0.0.1:6379/0", &out->redis_url);
-    url_setting(c, out->production, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/markets",
-                &out->database_url);
+    cm_config_checked(c, "REDIS_URL", "redis://127.0.0.1:6379/0", cm_redis_url_check,
+                      &out->redis_url);
+    cm_config_checked(c, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/markets",
+                      cm_pg_conninfo_check, &out->database_url);
     reloadable(c, out);
     cm_config_int(c, "REDIS_TIMEOUT_MS", 100, 1, 60000, &out->redis_timeout_ms);
     cm_config_int(c, "ORIGIN_TIMEOUT_MS", 2000, 1, 600000, &out->origin_timeout_ms);

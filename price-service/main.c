@@ -235,23 +235,15 @@ int main(int argc, char **argv)
     static ps_app_t app;
     cm_config_t c;
     cm_config_init_env(&c);
-    cm_config_file_t *file = NULL;
-    const char *path = getenv("CONFIG_FILE");
-    if (path && *path) {
-        char err[256];
-        if (cm_config_file_load(path, &file, err, sizeof err) != 0) {
-            fprintf(stderr, "price-service: CONFIG_FILE: %s\n", err);
-            return 2;
-        }
-        c.file = file;
-        c.file_keys = ps_config_reloadable;
-    }
-    int bad = ps_config_load(&c, &app.cfg);
-    cm_config_file_free(file);
+    int bad = cm_config_use_file(&c, ps_config_reloadable) || ps_config_load(&c, &app.cfg);
     if (bad) {
         fprintf(stderr, "price-service: %s\n", c.error);
+        cm_config_release(&c);
         return 2;
     }
+    /* Strings the settings borrow from the file are not kept: the file holds only
+     * reloadable keys, which are copied into app.cfg by value. */
+    cm_config_release(&c);
     cm_log_init("price-service", app.cfg.log_level, app.cfg.log_format);
     signal(SIGPIPE, SIG_IGN);
 

@@ -665,3 +665,54 @@ int cm_config_file_load(const char *path, cm_config_file_t **out, char *err, siz
     *out = f;
     return 0;
 }
+
+/* ---- what both daemons read the same way ---------------------------------------------- */
+
+int cm_config_app_env(cm_config_t *c)
+{
+    const char *env = NULL;
+    cm_config_str(c, "APP_ENV", "development", &env);
+    c->production = env && strcmp(env, "production") == 0;
+    return 0;
+}
+
+int cm_config_reject(cm_config_t *c, const char *key, const char *what)
+{
+    set_error(c, "%s: %s", key, what);
+    return UV_EINVAL;
+}
+
+int cm_config_checked(cm_config_t *c, const char *key, const char *dev_default,
+                      cm_config_check_fn check, const char **out)
+{
+    cm_config_str(c, key, c->production ? NULL : dev_default, out);
+    if (!*out)
+        return cm_config_reject(c, key, "required when APP_ENV=production");
+    char why[192];
+    if (check(*out, why, sizeof why) != 0)
+        return cm_config_reject(c, key, why);
+    return 0;
+}
+
+int cm_config_use_file(cm_config_t *c, const char *const *file_keys)
+{
+    const char *path = getenv("CONFIG_FILE");
+    if (!path || !*path)
+        return 0;
+    char err[200];
+    if (cm_config_file_load(path, &c->owned_file, err, sizeof err) != 0) {
+        set_error(c, "CONFIG_FILE: %s", err);
+        return UV_EINVAL;
+    }
+    c->file = c->owned_file;
+    c->file_keys = file_keys;
+    return 0;
+}
+
+void cm_config_release(cm_config_t *c)
+{
+    if (c->file == c->owned_file)
+        c->file = NULL;
+    cm_config_file_free(c->owned_file);
+    c->owned_file = NULL;
+}

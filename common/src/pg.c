@@ -1029,3 +1029,18 @@ void cm_pg_close(cm_pg_t *pg, void (*done)(void *ud), void *ud)
     uv_timer_stop(&pg->queue_timer);
     schedule_defer(pg);
 }
+
+int cm_pg_conninfo_check(const char *conninfo, char *why, size_t whysz)
+{
+    char *errmsg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &errmsg);
+    if (opts) {
+        PQconninfoFree(opts);
+        return 0;
+    }
+    /* libpq's message ends with a newline; the error is one line. */
+    snprintf(why, whysz, "not a libpq connection string: %s", errmsg ? errmsg : "out of memory");
+    why[strcspn(why, "\n")] = '\0';
+    PQfreemem(errmsg);
+    return -1;
+}

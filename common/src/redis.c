@@ -1105,3 +1105,12 @@ void cm_redis_close(cm_redis_t *r, void (*done)(void *ud), void *ud)
     uv_timer_stop(&r->health_timer);
     schedule_defer(r);
 }
+
+int cm_redis_url_check(const char *url, char *why, size_t whysz)
+{
+    cm_redis_url_t u;
+    if (cm_redis_url_parse(url, &u) == 0)
+        return 0;
+    snprintf(why, whysz, "expected redis://[user:password@]host[:port][/db] or unix:///path");
+    return -1;
+}

@@ -562,6 +562,74 @@ static void file_overrides_env(void **state)
     cm_config_file_free(f);
 }
 
+/* ---- shared settings: APP_ENV, checked strings, CONFIG_FILE ------------------------------ */
+
+static int check_prefix(const char *value, char *why, size_t whysz)
+{
+    if (strncmp(value, "redis://", 8) == 0)
+        return 0;
+    snprintf(why, whysz, "expected redis://...");
+    return -1;
+}
+
+static void checked_settings(void **state)
+{
+    (void)state;
+    const char *dev[] = {NULL};
+    cm_config_t c;
+    const char *out;
+    cm_config_init(&c, table_lookup, (void *)dev);
+    cm_config_app_env(&c);
+    assert_false(c.production);
+    assert_int_equal(cm_config_checked(&c, "REDIS_URL", "redis://dev", check_prefix, &out), 0);
+    assert_string_equal(out, "redis://dev");
+
+    const char *prod[] = {"APP_ENV", "production", NULL};
+    cm_config_init(&c, table_lookup, (void *)prod);
+    cm_config_app_env(&c);
+    assert_true(c.production);
+    assert_int_equal(cm_config_checked(&c, "REDIS_URL", "redis://dev", check_prefix, &out),
+                     UV_EINVAL);
+    assert_string_equal(c.error, "REDIS_URL: required when APP_ENV=production");
+
+    const char *bad[] = {"REDIS_URL", "http://x", NULL};
+    cm_config_init(&c, table_lookup, (void *)bad);
+    assert_int_equal(cm_config_checked(&c, "REDIS_URL", "redis://dev", check_prefix, &out),
+                     UV_EINVAL);
+    assert_string_equal(c.error, "REDIS_URL: expected redis://...");
+    /* The first error is kept. */
+    assert_int_equal(cm_config_reject(&c, "OTHER", "nope"), UV_EINVAL);
+    assert_string_equal(c.error, "REDIS_URL: expected redis://...");
+}
+
+static void use_file_from_environment(void **state)
+{
+    (void)state;
+    char path[256];
+    write_temp(path, sizeof path, "CACHE_TTL_MS=5\nREDIS_URL=redis://file\n");
+    static const char *const reloadable[] = {"CACHE_TTL_MS", NULL};
+    setenv("CONFIG_FILE", path, 1);
+    setenv("CM_TEST_TTL", "7", 1);
+    cm_config_t c;
+    cm_config_init_env(&c);
+    assert_int_equal(cm_config_use_file(&c, reloadable), 0);
+    long ttl;
+    const char *url;
+    assert_int_equal(cm_config_int(&c, "CACHE_TTL_MS", 1000, 1, 60000, &ttl), 0);
+    assert_int_equal(ttl, 5);
+    cm_config_str(&c, "REDIS_URL", "redis://env-default", &url); /* not reloadable: env wins */
+    assert_string_equal(url, getenv("REDIS_URL") ? getenv("REDIS_URL") : "redis://env-default");
+    cm_config_release(&c);
+    unlink(path);
+
+    setenv("CONFIG_FILE", "/nonexistent/markets.conf", 1);
+    cm_config_init_env(&c);
+    assert_int_equal(cm_config_use_file(&c, reloadable), UV_EINVAL);
+    assert_non_null(strstr(c.error, "CONFIG_FILE: "));
+    cm_config_release(&c);
+    unsetenv("CONFIG_FILE");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -582,6 +650,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(file_missing, setup, teardown),
         cmocka_unit_test_setup_teardown(file_out_of_memory, setup, teardown),
         cmocka_unit_test_setup_teardown(file_overrides_env, setup, teardown),
+        cmocka_unit_test_setup_teardown(checked_settings, setup, teardown),
+        cmocka_unit_test_setup_teardown(use_file_from_environment, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

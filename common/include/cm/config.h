@@ -41,6 +41,11 @@ typedef struct cm_config {
     int failed;      /* non-zero once any getter failed */
     /* cm_config_listen accepts port 0 (an ephemeral port, for tests) when non-zero. Default 0. */
     int allow_port_zero;
+    /* APP_ENV=production (set by cm_config_app_env): settings with only a development default
+     * become required. */
+    int production;
+    /* The CONFIG_FILE loaded by cm_config_use_file, freed by cm_config_release. */
+    struct cm_config_file *owned_file;
 } cm_config_t;
 
 /* Initialises `c` to read the process environment (getenv), with no file and no error. */
@@ -103,5 +108,35 @@ int cm_config_file_load(const char *path, cm_config_file_t **out, char *err, siz
 const char *cm_config_file_get(const cm_config_file_t *f, const char *key);
 /* Frees the file object; NULL is a no-op. */
 void cm_config_file_free(cm_config_file_t *f);
+
+/* ---- what both daemons read the same way ---------------------------------------------- */
+
+/* Reads APP_ENV ("development" by default) and sets c->production for "production".
+ * Returns 0 (any other value counts as development). */
+int cm_config_app_env(cm_config_t *c);
+
+/* Validates a value; returns 0, or non-zero after writing why it is wrong into `why`. */
+typedef int (*cm_config_check_fn)(const char *value, char *why, size_t whysz);
+
+/*
+ * A string validated by `check` (a URL, a connection string). `dev_default` applies when the
+ * value is absent, except in production, where the setting is then required. Returns 0 or
+ * UV_EINVAL with c->error "KEY: <why>" or "KEY: required when APP_ENV=production".
+ */
+int cm_config_checked(cm_config_t *c, const char *key, const char *dev_default,
+                      cm_config_check_fn check, const char **out);
+
+/* Records "KEY: <what>" (unless an earlier error is kept), for rules no getter covers.
+ * Returns UV_EINVAL. */
+int cm_config_reject(cm_config_t *c, const char *key, const char *what);
+
+/*
+ * Loads the file named by the CONFIG_FILE environment variable, when set, as c->file, limited
+ * to `file_keys` (borrowed, NULL-terminated: the reloadable keys). Returns 0, or UV_EINVAL
+ * with c->error "CONFIG_FILE: <path:line: problem>". Free with cm_config_release().
+ */
+int cm_config_use_file(cm_config_t *c, const char *const *file_keys);
+/* Frees what cm_config_use_file loaded; strings read from it are invalid afterwards. */
+void cm_config_release(cm_config_t *c);
 
 #endif

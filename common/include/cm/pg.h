@@ -19,6 +19,7 @@
 #ifndef CM_PG_H
 #define CM_PG_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
 
@@ -52,6 +53,10 @@ void cm_pg_config_defaults(cm_pg_config_t *cfg);
  * *out is set on success; release with cm_pg_close. Returns 0, UV_EINVAL (bad conninfo or
  * config) or UV_ENOMEM. on_state fires later, from the loop. */
 int cm_pg_open(uv_loop_t *loop, const cm_pg_config_t *cfg, cm_pg_t **out);
+
+/* cm_config_check_fn for DATABASE_URL: 0 when libpq's PQconninfoParse accepts `conninfo`
+ * (a URI or key=value string), else non-zero with libpq's message in `why` (whysz bytes). */
+int cm_pg_conninfo_check(const char *conninfo, char *why, size_t whysz);
 
 /* Non-zero when at least one pool connection is up. */
 int cm_pg_is_up(const cm_pg_t *pg);

@@ -62,6 +62,9 @@ typedef struct cm_redis_url {
  * uriparser (RFC 3986). Used at startup to reject bad configuration. Returns 0 or UV_EINVAL
  * (unknown scheme, bad port, db not a number, field too long). */
 int cm_redis_url_parse(const char *url, cm_redis_url_t *out);
+/* cm_config_check_fn for REDIS_URL: 0 when cm_redis_url_parse accepts `url`, else non-zero
+ * with the expected form written into `why` (whysz bytes). */
+int cm_redis_url_check(const char *url, char *why, size_t whysz);
 
 /* Creates the client and starts connecting (AUTH [user] password, SELECT db, then up). It keeps
  * reconnecting forever until cm_redis_close. `cfg` is borrowed (copied). *out is set on
