@@ -13,6 +13,8 @@
 # binaries; CONTRACT_MD to point at CONTRACT.md when it is not beside the repository;
 # DEPLOY_IMAGE_BUILD=1 to also run the images' build stage here (a minute or two).
 set -uo pipefail
+# nginx lives in /usr/sbin, which a normal user's PATH lacks; npm's update notice is noise here.
+export PATH="$PATH:/usr/sbin:/sbin" NPM_CONFIG_UPDATE_NOTIFIER=false
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)

@@ -90,9 +90,17 @@ class Gateway:
         except OSError:
             return ""
 
-    def access_log(self):
-        with open(os.path.join(self.dir, "access.log")) as f:
-            return [json.loads(line) for line in f if line.strip()]
+    def access_log(self, wait_for=None, timeout=5.0):
+        """The access log's entries; with `wait_for`, polls until an entry has that request id
+        (nginx writes the line after the response has gone out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(os.path.join(self.dir, "access.log")) as f:
+                entries = [json.loads(line) for line in f if line.strip()]
+            if wait_for is None or any(e.get("request_id") == wait_for for e in entries) \
+                    or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -171,7 +179,7 @@ def test_gateway_routes_and_forwards_request_id_and_client_address(echo_gateway)
     # Which upstream got what: the access log names it.
     http_request("GET", gw.url + "/ws/orders", headers={"X-Request-Id": "e2e-gw-ws"})
     http_request("GET", gw.url + "/", headers={"X-Request-Id": "e2e-gw-root"})
-    routed = {e["request_id"]: e["upstream"] for e in gw.access_log()}
+    routed = {e["request_id"]: e["upstream"] for e in gw.access_log(wait_for="e2e-gw-root")}
     assert routed["e2e-gw-1"] == f"127.0.0.1:{price_port}"
     assert routed["e2e-gw-ws"] == f"127.0.0.1:{notifier_port}"
     assert routed["e2e-gw-root"] == f"127.0.0.1:{notifier_port}"
