@@ -28,10 +28,12 @@ typedef struct ps_app {
     cm_router_t *router;
     cm_http_server_t *http;
     uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t drain_timer; /* shutdown: cancels what still waits on Redis or the origin */
     cm_metric_t *m_redis_up, *m_origin_up, *m_reconnects, *m_timeouts;
     uint64_t seen_reconnects, seen_timeouts;
     int stopping;
-    int open_handles; /* signal handles not yet closed */
+    int open_handles; /* signal and timer handles not yet closed */
+    int deps_closing; /* Redis and the origin are being closed */
 } ps_app_t;
 
 /* Routes every endpoint of the contract onto app->router. Returns 0 or a negative code. */

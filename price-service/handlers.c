@@ -67,9 +67,10 @@ static int market_param(cm_http_request_t *req, const char *key, char *out, size
         return -1;
     }
     if (n < 0) {
-        cm_http_respond_error(req, 400, "invalid_market",
-                              n == UV_E2BIG ? "market list too long" : "malformed query string",
-                              NULL);
+        const char *why = n != UV_E2BIG              ? "malformed query string"
+                          : strcmp(key, "market") == 0 ? "market must be 1 to 64 characters"
+                                                       : "at most 100 markets per request";
+        cm_http_respond_error(req, 400, "invalid_market", why, NULL);
         return -1;
     }
     return n;

@@ -10,6 +10,10 @@
 #include "cm/alloc.h"
 #include "cm/log.h"
 
+/* Time SIGTERM gives in-flight requests before they are cancelled (the contract: exit
+ * within 10 s). */
+#define PS_DRAIN_MS 7000
+
 static const char USAGE[] =
     "Usage: price-service [--help] [--version]\n"
     "\n"
@@ -78,6 +82,7 @@ static void on_pg_closed(void *ud)
     uv_close((uv_handle_t *)&app->sig_term, on_signal_closed);
     uv_close((uv_handle_t *)&app->sig_int, on_signal_closed);
     uv_close((uv_handle_t *)&app->sig_hup, on_signal_closed);
+    uv_close((uv_handle_t *)&app->drain_timer, on_signal_closed);
 }
 
 static void on_redis_closed(void *ud)
@@ -87,11 +92,32 @@ static void on_redis_closed(void *ud)
     cm_pg_close(app->pg, on_pg_closed, app);
 }
 
+/* Closing the clients answers everything still waiting on them (with errors: 503s). */
+static void close_dependencies(ps_app_t *app)
+{
+    if (app->deps_closing)
+        return;
+    app->deps_closing = 1;
+    cm_redis_close(app->redis, on_redis_closed, app);
+}
+
 static void on_http_stopped(void *ud)
 {
     ps_app_t *app = ud;
     app->http = NULL;
-    cm_redis_close(app->redis, on_redis_closed, app);
+    uv_timer_stop(&app->drain_timer);
+    close_dependencies(app);
+}
+
+/* In-flight requests normally finish within REDIS_TIMEOUT_MS + ORIGIN_TIMEOUT_MS, but those
+ * may be set long: past the drain time, what still waits is cancelled so the process exits
+ * within the contract's 10 s. */
+static void on_drain_timeout(uv_timer_t *t)
+{
+    ps_app_t *app = t->data;
+    cm_log_warn("drain time over; cancelling requests still waiting on Redis or the origin",
+                NULL);
+    close_dependencies(app);
 }
 
 static void on_stop_signal(uv_signal_t *h, int signum)
@@ -101,8 +127,8 @@ static void on_stop_signal(uv_signal_t *h, int signum)
         return;
     app->stopping = 1;
     cm_log_info("shutting down", "signal", signum == SIGTERM ? "SIGTERM" : "SIGINT", NULL);
-    /* In-flight requests finish (bounded by ORIGIN_TIMEOUT_MS) well within the contract's 10 s. */
-    cm_http_server_stop(app->http, 8000, on_http_stopped, app);
+    uv_timer_start(&app->drain_timer, on_drain_timeout, PS_DRAIN_MS, 0);
+    cm_http_server_stop(app->http, PS_DRAIN_MS + 1000, on_http_stopped, app);
 }
 
 static void on_reload_signal(uv_signal_t *h, int signum)
@@ -195,6 +221,9 @@ static int start(ps_app_t *app)
         sigs[i]->data = app;
         app->open_handles++;
     }
+    uv_timer_init(app->loop, &app->drain_timer);
+    app->drain_timer.data = app;
+    app->open_handles++;
     uv_signal_start(&app->sig_term, on_stop_signal, SIGTERM);
     uv_signal_start(&app->sig_int, on_stop_signal, SIGINT);
     uv_signal_start(&app->sig_hup, on_reload_signal, SIGHUP);
@@ -250,9 +279,10 @@ int main(int argc, char **argv)
     app.loop = uv_default_loop();
     int err = start(&app);
     if (err) {
-        cm_log_error("startup failed", "error", uv_strerror(err), NULL);
-        fprintf(stderr, "price-service: startup failed: %s\n", uv_strerror(err));
-        return 1;
+        /* Most start failures are the listen address: name it. */
+        fprintf(stderr, "price-service: cannot start: %s (PRICE_SERVICE_LISTEN=%s:%d)\n",
+                uv_strerror(err), app.cfg.listen_host, app.cfg.listen_port);
+        return err == UV_EADDRINUSE || err == UV_ENOMEM ? 1 : 2;
     }
     uv_run(app.loop, UV_RUN_DEFAULT);
     cleanup(&app);

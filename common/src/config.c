@@ -670,10 +670,12 @@ int cm_config_file_load(const char *path, cm_config_file_t **out, char *err, siz
 
 int cm_config_app_env(cm_config_t *c)
 {
-    const char *env = NULL;
-    cm_config_str(c, "APP_ENV", "development", &env);
-    c->production = env && strcmp(env, "production") == 0;
-    return 0;
+    /* A typo ("Production", "prod") must not quietly mean development defaults. */
+    static const char *const envs[] = {"development", "production", NULL};
+    int idx = 0;
+    int rc = cm_config_enum(c, "APP_ENV", "development", envs, &idx);
+    c->production = rc == 0 && idx == 1;
+    return rc;
 }
 
 int cm_config_reject(cm_config_t *c, const char *key, const char *what)

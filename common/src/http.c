@@ -1164,7 +1164,11 @@ int cm_http_query_param(const cm_http_request_t *req, const char *key, char *out
                     out[0] = '\0';
                     return 0;
                 }
-                return decode_into(eq + 1, slen - rk - 1, out, outsz);
+                int dl = decode_into(eq + 1, slen - rk - 1, out, outsz);
+                /* %00 would cut the value short for every C string function after us. */
+                if (dl > 0 && memchr(out, '\0', (size_t)dl))
+                    return UV_EINVAL;
+                return dl;
             }
         }
         if (!amp)
@@ -1389,8 +1393,21 @@ int cm_http_server_start(uv_loop_t *loop, const cm_http_config_t *cfg, cm_http_s
         signal(SIGPIPE, SIG_IGN);
     struct sockaddr_storage addr;
     if (uv_ip4_addr(cfg->host, cfg->port, (struct sockaddr_in *)&addr) != 0 &&
-        uv_ip6_addr(cfg->host, cfg->port, (struct sockaddr_in6 *)&addr) != 0)
-        return UV_EINVAL;
+        uv_ip6_addr(cfg->host, cfg->port, (struct sockaddr_in6 *)&addr) != 0) {
+        /* A name ("localhost"): resolved once, synchronously, before the loop serves anyone. */
+        uv_getaddrinfo_t gai;
+        struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                                 .ai_flags = AI_PASSIVE};
+        int rc = uv_getaddrinfo(loop, &gai, NULL, cfg->host, NULL, &hints);
+        if (rc != 0)
+            return rc;
+        memcpy(&addr, gai.addrinfo->ai_addr, gai.addrinfo->ai_addrlen);
+        if (addr.ss_family == AF_INET6)
+            ((struct sockaddr_in6 *)&addr)->sin6_port = htons((uint16_t)cfg->port);
+        else
+            ((struct sockaddr_in *)&addr)->sin_port = htons((uint16_t)cfg->port);
+        uv_freeaddrinfo(gai.addrinfo);
+    }
     cm_http_server_t *s = cm_calloc(1, sizeof *s);
     if (!s)
         return UV_ENOMEM;

@@ -1035,8 +1035,23 @@ int cm_pg_conninfo_check(const char *conninfo, char *why, size_t whysz)
     char *errmsg = NULL;
     PQconninfoOption *opts = PQconninfoParse(conninfo, &errmsg);
     if (opts) {
+        /* libpq checks the syntax only; a bad port would mean retrying forever. */
+        int bad = 0;
+        for (PQconninfoOption *o = opts; o->keyword && !bad; o++) {
+            if (strcmp(o->keyword, "port") != 0 || !o->val)
+                continue;
+            for (const char *p = o->val; *p && !bad;) { /* "5432" or "5432,5433" */
+                char *end;
+                long port = strtol(p, &end, 10);
+                bad = end == p || port < 1 || port > 65535 || (*end && *end != ',');
+                p = *end ? end + 1 : end;
+            }
+        }
         PQconninfoFree(opts);
-        return 0;
+        if (!bad)
+            return 0;
+        snprintf(why, whysz, "port must be from 1 to 65535");
+        return -1;
     }
     /* libpq's message ends with a newline; the error is one line. */
     snprintf(why, whysz, "not a libpq connection string: %s", errmsg ? errmsg : "out of memory");

@@ -180,6 +180,9 @@ def start_daemon(servers, tmp_path):
             "DATABASE_URL": servers.env["DATABASE_URL"],
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "info",
+            # The suite shares two cores with builds and other tests: a 100 ms Redis deadline
+            # would make an unrelated test see "redis-unavailable". Timeout tests set their own.
+            "REDIS_TIMEOUT_MS": "1000",
             BINARIES[name][1]: f"127.0.0.1:{port}",
         })
         for k, v in (env_overrides or {}).items():

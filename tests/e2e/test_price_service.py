@@ -169,6 +169,7 @@ def test_batch_prices(start_daemon, db):
     status, _, body = http_get_json(f"{ps.url}/api/markets/prices?markets={too_many}")
     assert status == 400 and body["error"]["code"] == "invalid_market"
     assert http_get_json(f"{ps.url}/api/markets/prices?markets=A,,B")[0] == 400
+    assert http_get_json(f"{ps.url}/api/markets/prices?markets={a}%00,bad!!")[0] == 400
 
 
 def test_fifty_concurrent_cold_requests_one_origin_query(start_daemon, db):
@@ -320,6 +321,10 @@ def test_sighup_reloads_config_file(start_daemon, db, tmp_path):
     ({"PRICE_SERVICE_LISTEN": "127.0.0.1:70000"}, "PRICE_SERVICE_LISTEN"),
     ({"REDIS_URL": "http://x"}, "REDIS_URL"),
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ({"APP_ENV": "Production"}, "APP_ENV"),
+    ({"DATABASE_URL": "postgresql://db:70000/markets"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "host=db port=abc"}, "DATABASE_URL"),
+    ({"PRICE_SERVICE_LISTEN": "no-such-host.invalid:8080"}, "PRICE_SERVICE_LISTEN"),
     ({"APP_ENV": "production", "REDIS_URL": None}, "REDIS_URL"),
 ])
 def test_bad_configuration_exits_2_naming_the_variable(env, name):
@@ -391,3 +396,38 @@ def test_latency_report(start_daemon, db):
           f"includes the Python client): p50={p(0.5):.3f} ms p95={p(0.95):.3f} ms "
           f"p99={p(0.99):.3f} ms max={lat[-1]*1000:.3f} ms")
     assert p(0.95) < 500
+
+
+def test_sigterm_with_a_hung_origin_exits_within_10s(start_daemon, db, servers):
+    """A request stuck on the origin (long ORIGIN_TIMEOUT_MS) is answered 503 and the process
+    still exits 0 within the contract's 10 s."""
+    import psycopg2
+    ps = start_daemon("price-service", {"ORIGIN_TIMEOUT_MS": "60000"})
+    market = new_market(db)
+    locker = psycopg2.connect(servers.psql_dsn())
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE oracle_prices IN ACCESS EXCLUSIVE MODE")
+        result = {}
+
+        def ask():
+            try:
+                result["status"] = http_request("GET", ps.url + PRICE + market, timeout=15)[0]
+            except OSError as e:
+                result["error"] = e
+
+        import threading
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        ps.signal(signal.SIGTERM)
+        ps.proc.wait(12)
+        elapsed = time.monotonic() - t0
+        t.join(5)
+        assert ps.proc.returncode == 0
+        assert elapsed < 10, elapsed
+        assert result.get("status") == 503, result
+    finally:
+        locker.rollback()
+        locker.close()

@@ -301,6 +301,30 @@ static void memory_tier_until_redis_expiry(void **state)
     ps_cache_free(c);
 }
 
+/* A full memory tier evicts its oldest entries in O(1) rather than scanning or refusing. */
+static void memory_tier_bounded(void **state)
+{
+    (void)state;
+    ps_cache_settings_t s = {1, 1000, 1, 3};
+    ps_cache_t *c = ps_cache_new(&backend, &s, NULL);
+    ps_cache_result_t now;
+    const char *markets[] = {"A", "B", "C", "D"};
+    for (int i = 0; i < 4; i++) {
+        ps_cache_get(c, markets[i], on_result, NULL, &now);
+        get_reply(i, 0, "", 1000); /* negative entries, as a flood of unknown ids makes */
+        fk.now += 1;
+    }
+    ps_cache_stats_t st;
+    ps_cache_stats(c, &st);
+    assert_int_equal(st.memory_entries, 3);
+    assert_int_equal(ps_cache_get(c, "A", on_result, NULL, &now), 0); /* evicted: asks Redis */
+    assert_int_equal(ps_cache_get(c, "D", on_result, NULL, &now), 1); /* newest kept */
+    get_reply(4, 0, NULL, -2);
+    fetch_reply(0, UV_ENOENT, NULL);
+    set_reply(0, 0);
+    ps_cache_free(c);
+}
+
 static void redis_down_goes_to_origin(void **state)
 {
     (void)state;
@@ -495,6 +519,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(late_miss_joins_finished_flight, setup, teardown),
         cmocka_unit_test_setup_teardown(negative_caching, setup, teardown),
         cmocka_unit_test_setup_teardown(memory_tier_until_redis_expiry, setup, teardown),
+        cmocka_unit_test_setup_teardown(memory_tier_bounded, setup, teardown),
         cmocka_unit_test_setup_teardown(redis_down_goes_to_origin, setup, teardown),
         cmocka_unit_test_setup_teardown(origin_failure, setup, teardown),
         cmocka_unit_test_setup_teardown(bypass_when_disabled, setup, teardown),

@@ -111,8 +111,8 @@ void cm_config_file_free(cm_config_file_t *f);
 
 /* ---- what both daemons read the same way ---------------------------------------------- */
 
-/* Reads APP_ENV ("development" by default) and sets c->production for "production".
- * Returns 0 (any other value counts as development). */
+/* Reads APP_ENV: "development" (the default) or "production", which sets c->production.
+ * Returns 0, or UV_EINVAL with c->error naming APP_ENV for any other value. */
 int cm_config_app_env(cm_config_t *c);
 
 /* Validates a value; returns 0, or non-zero after writing why it is wrong into `why`. */

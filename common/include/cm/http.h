@@ -131,7 +131,7 @@ const char *cm_http_header(const cm_http_request_t *req, const char *name);
  * Looks up query parameter `key` (percent-decoded, '+' as space; RFC 3986 + HTML form
  * encoding, via uriparser). Writes the NUL-terminated value into `out` (`outsz` bytes).
  * Returns the value length (>= 0), UV_ENOENT if absent, UV_E2BIG if it does not fit,
- * UV_EINVAL if the query is malformed, UV_ENOMEM.
+ * UV_EINVAL if the query is malformed or the value decodes to a NUL byte (%00), UV_ENOMEM.
  */
 int cm_http_query_param(const cm_http_request_t *req, const char *key, char *out, size_t outsz);
 /* Reason phrase for `status` ("Not Found"); "Unknown" for codes it does not know. Static. */
