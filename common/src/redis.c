@@ -38,6 +38,8 @@
 #include "cm/alloc.h"
 #include "cm/log.h"
 
+/* A link up this long (ms) has proven itself: the reconnect backoff starts over. */
+#define BACKOFF_RESET_AFTER_MS 10000
 /* Consecutive timeouts after which the server is considered stalled. */
 #define STALL_TIMEOUTS 3
 /* A command (or probe) outstanding this many timeouts long means a stalled server. */
@@ -90,6 +92,7 @@ struct cm_redis {
     int ever_up;
     int handshake_left; /* replies still expected before up */
     uint64_t backoff_ms;
+    uint64_t up_since_ms; /* loop time the link came up; 0 while down */
     uint64_t rng;
 
     cmd_list_t pending; /* sent, not answered: oldest first */
@@ -663,6 +666,11 @@ static void schedule_reconnect(cm_redis_t *r)
 {
     if (r->closing)
         return;
+    /* The backoff starts over only after a link that stayed up a while: a server that
+     * accepts connections and then stalls must not be reconnected to as fast as possible. */
+    if (r->up_since_ms && uv_now(r->loop) - r->up_since_ms >= BACKOFF_RESET_AFTER_MS)
+        r->backoff_ms = r->cfg.backoff_min_ms;
+    r->up_since_ms = 0;
     uint64_t d = r->backoff_ms;
     /* Jitter: somewhere in [d/2, d], so replicas do not reconnect in lockstep. */
     if (d > 1)
@@ -759,7 +767,7 @@ static void on_handshake_reply(redisAsyncContext *ac, void *reply, void *privdat
         return;
     r->link = LINK_UP;
     uv_timer_stop(&r->conn_timer);
-    r->backoff_ms = r->cfg.backoff_min_ms;
+    r->up_since_ms = uv_now(r->loop);
     if (r->ever_up)
         r->stats.reconnects++;
     r->ever_up = 1;
