@@ -28,6 +28,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <strings.h>
 #include <uriparser/Uri.h>
 
@@ -1310,6 +1311,26 @@ static void reject_connection(cm_http_server_t *s)
     uv_close((uv_handle_t *)&j->tcp, on_reject_close);
 }
 
+/* The default soft limit of 1024 descriptors would cap connections far below
+ * max_connections (and libuv then drops the excess silently): raise it toward the hard
+ * limit, as nginx's worker_rlimit_nofile does. */
+static void raise_fd_limit(size_t max_connections)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    rlim_t want = (rlim_t)max_connections + 256; /* clients, plus Redis, Postgres, logs */
+    if (rl.rlim_cur >= want)
+        return;
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < want) {
+        char have[24];
+        snprintf(have, sizeof have, "%llu", (unsigned long long)rl.rlim_cur);
+        cm_log_warn("http: the open-files limit is below the connection limit", "nofile", have,
+                    NULL);
+    }
+}
+
 static void on_connection(uv_stream_t *l, int status)
 {
     cm_http_server_t *s = l->data;
@@ -1391,6 +1412,7 @@ int cm_http_server_start(uv_loop_t *loop, const cm_http_config_t *cfg, cm_http_s
     struct sigaction old;
     if (sigaction(SIGPIPE, NULL, &old) == 0 && old.sa_handler == SIG_DFL)
         signal(SIGPIPE, SIG_IGN);
+    raise_fd_limit(cfg->max_connections ? cfg->max_connections : 10000);
     struct sockaddr_storage addr;
     if (uv_ip4_addr(cfg->host, cfg->port, (struct sockaddr_in *)&addr) != 0 &&
         uv_ip6_addr(cfg->host, cfg->port, (struct sockaddr_in6 *)&addr) != 0) {
