@@ -18,8 +18,13 @@ SUSTAIN_P99_US = 10_000
 SUSTAIN_DELIVERED = 0.99
 
 
-def mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
+def median(xs):
+    """The median: one disturbed repetition (the box is shared) does not move it."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
 def ms(us):
@@ -36,7 +41,8 @@ def main():
     if load:
         w(f"load average (1 min) at start and end: {load} (the run itself adds about 2; more is other work on the box)")
     w(f"price-service: wrk -t1, {dur} s per run, {reps} repetition(s), each run right after an "
-      "nginx run at the same concurrency; figures are means over repetitions")
+      "nginx run at the same concurrency; figures are medians over repetitions, the ratios "
+      "per repetition in brackets")
     w("")
 
     runs = OrderedDict()
@@ -68,11 +74,11 @@ def main():
         ratio = cpu_ratio = float("nan")
         if a and (a, conns) in runs:
             byrep = {x["rep"]: x for x in runs[(a, conns)]}
-            ratio = mean([x["rps"] / byrep[x["rep"]]["rps"] for x in rs if x["rep"] in byrep])
-            cpu_ratio = mean([x["cpu"] / byrep[x["rep"]]["cpu"] for x in rs if x["rep"] in byrep])
-        s = {"rps": mean([x["rps"] for x in rs]), "p50": mean([x["p50"] for x in rs]),
-             "p99": mean([x["p99"] for x in rs]), "p999": mean([x["p999"] for x in rs]),
-             "cpu": mean([x["cpu"] for x in rs]), "hwm": max(x["hwm"] for x in rs) / 1024,
+            ratio = median([x["rps"] / byrep[x["rep"]]["rps"] for x in rs if x["rep"] in byrep])
+            cpu_ratio = median([x["cpu"] / byrep[x["rep"]]["cpu"] for x in rs if x["rep"] in byrep])
+        s = {"rps": median([x["rps"] for x in rs]), "p50": median([x["p50"] for x in rs]),
+             "p99": median([x["p99"] for x in rs]), "p999": median([x["p999"] for x in rs]),
+             "cpu": median([x["cpu"] for x in rs]), "hwm": max(x["hwm"] for x in rs) / 1024,
              "ratio": ratio, "cpu_ratio": cpu_ratio}
         summary[(scen, conns)] = s
         errs = [x["errs"] for x in rs if x["errs"] not in ("0/0", "")]
