@@ -29,6 +29,7 @@
 
 #include <cjson/cJSON.h>
 #include <libpq-fe.h>
+#include <llhttp.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <pthread.h>
@@ -47,8 +48,7 @@ typedef struct conn {
     wslay_event_context_ptr ctx;
     int user;
     int upgraded;
-    char head[1024];
-    size_t head_len;
+    llhttp_t parser; /* the 101 response */
     const char *in;
     size_t in_len;
 } conn_t;
@@ -71,7 +71,8 @@ static double *lat;               /* seconds, per delivery */
 static size_t nlat, expected;
 static uint64_t t_connect_start;
 static uv_timer_t tick;
-static atomic_int writer_done;
+static atomic_int writer_done, writer_failed;
+static llhttp_settings_t http_settings;
 static int started, max_pending = 256;
 
 /* External-writer mode (-e 0): a latency histogram in microseconds, reset by SIGUSR1. */
@@ -96,12 +97,21 @@ static void *writer(void *arg)
     PGconn *pg = PQconnectdb(opt.dsn);
     if (PQstatus(pg) != CONNECTION_OK) {
         fprintf(stderr, "ws_load: postgres: %s", PQerrorMessage(pg));
-        exit(1);
+        PQfinish(pg);
+        atomic_store(&writer_failed, 1);
+        atomic_store(&writer_done, 1);
+        return NULL;
     }
     const char *p1[1] = {opt.channel};
     PQclear(PQexecParams(pg, "SELECT set_config('markets.order_channel', $1, false)", 1, NULL, p1,
                          NULL, NULL, 0));
-    long long *orders = calloc((size_t)opt.users, sizeof *orders);
+    long long *orders = cm_calloc((size_t)opt.users, sizeof *orders);
+    if (!orders) {
+        PQfinish(pg);
+        atomic_store(&writer_failed, 1);
+        atomic_store(&writer_done, 1);
+        return NULL;
+    }
     for (int u = 0; u < opt.users; u++) {
         char user[32];
         snprintf(user, sizeof user, "load-u%d", u);
@@ -128,7 +138,7 @@ static void *writer(void *arg)
         if (next > t)
             usleep((useconds_t)((next - t) / 1000));
     }
-    free(orders);
+    cm_free(orders);
     PQfinish(pg);
     atomic_store(&writer_done, 1);
     return NULL;
@@ -139,17 +149,19 @@ static void *writer(void *arg)
 static void on_write(uv_write_t *req, int status)
 {
     (void)status;
-    free(req);
+    cm_free(req);
 }
 
 static int send_raw(conn_t *c, const void *data, size_t len)
 {
-    uv_write_t *req = malloc(sizeof *req + len);
+    uv_write_t *req = cm_malloc(sizeof *req + len);
+    if (!req)
+        return UV_ENOMEM;
     memcpy(req + 1, data, len);
     uv_buf_t b = uv_buf_init((char *)(req + 1), (unsigned)len);
     int rc = uv_write(req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
     if (rc)
-        free(req);
+        cm_free(req);
     return rc;
 }
 
@@ -271,23 +283,22 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     const char *data = buf->base;
     size_t len = (size_t)n;
     if (!c->upgraded) {
-        size_t take =
-            len < sizeof c->head - 1 - c->head_len ? len : sizeof c->head - 1 - c->head_len;
-        memcpy(c->head + c->head_len, data, take);
-        c->head_len += take;
-        c->head[c->head_len] = 0;
-        char *end = strstr(c->head, "\r\n\r\n");
-        if (!end)
-            return;
-        if (strncmp(c->head, "HTTP/1.1 101", 12) != 0) {
-            fprintf(stderr, "ws_load: upgrade refused: %.40s\n", c->head);
+        /* llhttp stops after the response head (on_headers_complete returns 2); what follows
+         * it in this read is already WebSocket. */
+        llhttp_errno_t e = llhttp_execute(&c->parser, data, len);
+        if (e == HPE_OK)
+            return; /* the head is not complete yet */
+        int code = llhttp_get_status_code(&c->parser);
+        if (e != HPE_PAUSED_UPGRADE || code != 101) {
+            fprintf(stderr, "ws_load: upgrade refused: status %d (%s)\n", code,
+                    llhttp_errno_name(e));
             failed++;
             uv_close((uv_handle_t *)s, NULL);
             start_next();
             return;
         }
         c->upgraded = 1;
-        size_t used = (size_t)(end + 4 - c->head) - (c->head_len - take);
+        size_t used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
         data += used;
         len -= used;
     }
@@ -296,6 +307,14 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     wslay_event_recv(c->ctx);
     if (wslay_event_want_write(c->ctx))
         wslay_event_send(c->ctx);
+}
+
+/* The response head is all we need from HTTP: no body, and llhttp_execute() returns
+ * HPE_PAUSED_UPGRADE right after it (whatever the status; on_read checks it). */
+static int on_head_done(llhttp_t *p)
+{
+    (void)p;
+    return 2;
 }
 
 static void on_connect(uv_connect_t *req, int status)
@@ -323,8 +342,13 @@ static void on_connect(uv_connect_t *req, int status)
                      "Sec-WebSocket-Key: %s\r\n\r\n",
                      opt.path, tok, opt.host, key);
     cm_free(tok);
-    send_raw(c, req_text, (size_t)n);
-    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read);
+    llhttp_init(&c->parser, HTTP_RESPONSE, &http_settings);
+    if (send_raw(c, req_text, (size_t)n) != 0 ||
+        uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read) != 0) {
+        failed++;
+        uv_close((uv_handle_t *)&c->tcp, NULL);
+        start_next();
+    }
 }
 
 /* The latency at quantile q of the current period, in microseconds. */
@@ -457,13 +481,25 @@ int main(int argc, char **argv)
         return 2;
     }
     loop = uv_default_loop();
-    conns = calloc((size_t)opt.conns, sizeof *conns);
-    sent_ns = calloc((size_t)opt.events, sizeof *sent_ns);
+    llhttp_settings_init(&http_settings);
+    http_settings.on_headers_complete = on_head_done;
     /* Connection i belongs to user i % U: each event goes to the connections of one user. */
     for (int e = 0; e < opt.events; e++)
         for (int i = e % opt.users; i < opt.conns; i += opt.users)
             expected++;
-    lat = calloc(expected, sizeof *lat);
+    conns = cm_calloc((size_t)opt.conns, sizeof *conns);
+    sent_ns = cm_calloc((size_t)opt.events + 1, sizeof *sent_ns);
+    lat = cm_calloc(expected + 1, sizeof *lat);
+    if (opt.events == 0)
+        hist = cm_calloc(HIST_MAX_US + 1, sizeof *hist);
+    if (!conns || !sent_ns || !lat || (opt.events == 0 && !hist)) {
+        fprintf(stderr, "ws_load: out of memory\n");
+        cm_free(conns);
+        cm_free((void *)sent_ns);
+        cm_free(lat);
+        cm_free(hist);
+        return 1;
+    }
     t_connect_start = now_ns();
     for (int i = 0; i < opt.conns; i++) {
         conn_t *c = &conns[i];
@@ -476,7 +512,6 @@ int main(int argc, char **argv)
     while (welcomed + failed < opt.conns)
         uv_run(loop, UV_RUN_ONCE);
     if (opt.events == 0) {
-        hist = calloc(HIST_MAX_US + 1, sizeof *hist);
         printf("READY conns=%d failed=%d\n", welcomed, failed);
         fflush(stdout);
         uv_signal_init(loop, &sig_usr1);
@@ -488,10 +523,10 @@ int main(int argc, char **argv)
         uv_run(loop, UV_RUN_DEFAULT);
         for (int i = 0; i < opt.conns; i++)
             wslay_event_context_free(conns[i].ctx);
-        free(conns);
-        free(hist);
-        free(lat);
-        free((void *)sent_ns);
+        cm_free(conns);
+        cm_free(hist);
+        cm_free(lat);
+        cm_free((void *)sent_ns);
         return uv_loop_close(loop) == 0 ? 0 : 1;
     }
     pthread_t th;
@@ -502,9 +537,9 @@ int main(int argc, char **argv)
     pthread_join(th, NULL);
     for (int i = 0; i < opt.conns; i++)
         wslay_event_context_free(conns[i].ctx);
-    free(conns);
-    free(lat);
-    free((void *)sent_ns);
+    cm_free(conns);
+    cm_free(lat);
+    cm_free((void *)sent_ns);
     uv_loop_close(loop);
-    return failed ? 1 : 0;
+    return failed || atomic_load(&writer_failed) ? 1 : 0;
 }
