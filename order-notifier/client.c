@@ -22,6 +22,9 @@
 /* A closing connection that does not drain its queue in this time is closed hard. */
 #define CLOSE_DEADLINE_MS 5000
 #define RESUME_LIMIT 1000
+/* Most ids a client may list in recent_event_ids (they travel in the request line). */
+#define RECENT_MAX 256
+#define RECENT_TEXT_MAX (RECENT_MAX * 21)
 #define QUERY_TIMEOUT_MS 5000
 #define TOKEN_MAX 4096
 /* How long a resumed client remembers the ids it replayed: at least a minute (or two ping
@@ -70,6 +73,7 @@ static void maybe_free(on_client_t *c)
     if (!c->conn_closed || c->pending > 0)
         return;
     cm_free(c->replayed);
+    cm_free(c->recent);
     on_ws_free(c->ws);
     cm_free(c);
 }
@@ -174,8 +178,13 @@ void on_client_deliver(on_client_t *c, on_frame_t *f)
         return;
     /* A resumed client has everything up to last_event_id: a look-back re-publish (catch-up
      * after a leader change, the replay after a Redis reconnect) must not show it again. */
-    if (c->resume_from >= 0 && f->id <= c->resume_from)
-        return;
+    if (c->resume_from >= 0 && f->id <= c->resume_from) {
+        /* ...unless the client's recent_event_ids says it has not seen this one: a late
+         * committer (a lower id committed after the client saw last_event_id). */
+        if (!c->recent || f->id < c->recent[0] || f->id == c->resume_from ||
+            on_idlist_has(c->recent, c->nrecent, f->id))
+            return;
+    }
     if (c->replayed) {
         if (uv_now(c->app->loop) >= c->replayed_until_ms) {
             cm_free(c->replayed);
@@ -274,20 +283,54 @@ static void resume_done(cm_pg_t *pg, const PGresult *res, const char *error, voi
     on_resume_finish(&c->resume, emit_held, c);
 }
 
+/*
+ * The resume replay: the user's events with id > last_event_id, and, when the client sent
+ * recent_event_ids, the events from its smallest listed id up to last_event_id that it does
+ * not list (ids commit out of order: a lower id can commit after the client saw a higher one).
+ *
+ * Limit (last_event_id alone): an event with an id below last_event_id that committed after
+ * the client saw last_event_id is not replayed; with last_event_id alone the server cannot
+ * tell it from the lower ids the client already has, and the contract wants no duplicate.
+ * With recent_event_ids the replay is exact for ids from the smallest listed one up (a client
+ * that lists the ids it received in the last seconds covers any transaction shorter than
+ * that); a late committer below the smallest listed id is still missed. Live events below
+ * last_event_id are handled the same way (on_client_deliver).
+ */
 static void start_resume(on_client_t *c)
 {
-    char from[24], limit[16];
+    char from[24], limit[16], floor_s[24];
     snprintf(from, sizeof from, "%" PRId64, c->resume_from);
     snprintf(limit, sizeof limit, "%d", RESUME_LIMIT);
-    const char *params[3] = {c->claims.read_all ? NULL : c->claims.sub, from, limit};
+    cm_buf_t listed = CM_BUF_INIT;
+    int rc = 0;
+    if (c->recent) {
+        snprintf(floor_s, sizeof floor_s, "%" PRId64, c->recent[0]);
+        rc = cm_buf_append(&listed, "{", 1);
+        for (size_t i = 0; i < c->nrecent && rc == 0; i++) {
+            char one[24];
+            int n = snprintf(one, sizeof one, "%s%" PRId64, i ? "," : "", c->recent[i]);
+            rc = cm_buf_append(&listed, one, (size_t)n);
+        }
+        if (rc == 0)
+            rc = cm_buf_append(&listed, "}", 2); /* with the NUL */
+    }
+    if (rc != 0) {
+        cm_buf_free(&listed);
+        on_client_close(c, ON_WS_CLOSE_INTERNAL);
+        return;
+    }
+    const char *params[5] = {c->claims.read_all ? NULL : c->claims.sub, from, limit,
+                             c->recent ? floor_s : NULL, c->recent ? listed.data : NULL};
     on_resume_start(&c->resume);
     c->replaying = 1;
-    int rc = cm_pg_query(c->app->pg,
-                         "SELECT id::text, user_id, event_type, payload::text, "
-                         "extract(epoch FROM created_at)::text FROM order_events "
-                         "WHERE ($1::text IS NULL OR user_id = $1) AND id > $2::bigint "
-                         "ORDER BY order_events.id LIMIT $3::int",
-                         3, params, QUERY_TIMEOUT_MS, resume_done, c);
+    rc = cm_pg_query(c->app->pg,
+                     "SELECT id::text, user_id, event_type, payload::text, "
+                     "extract(epoch FROM created_at)::text FROM order_events "
+                     "WHERE ($1::text IS NULL OR user_id = $1) AND (id > $2::bigint OR "
+                     "(id >= $4::bigint AND id < $2::bigint AND NOT id = ANY($5::bigint[]))) "
+                     "ORDER BY order_events.id LIMIT $3::int",
+                     5, params, QUERY_TIMEOUT_MS, resume_done, c);
+    cm_buf_free(&listed);
     if (rc != 0) {
         cm_log_warn("cannot resume now (Postgres unavailable); closing with 1013", NULL);
         c->replaying = 0;
@@ -390,6 +433,49 @@ static void raw_on_close(cm_http_conn_t *conn, void *ud)
 static const cm_http_raw_cbs_t raw_cbs = {raw_on_read, raw_on_close};
 
 /* ---- the upgrade request ------------------------------------------------------------------- */
+
+static int cmp_id(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Parses recent_event_ids ("1,5,9": positive ids, none above `last`, at most RECENT_MAX) into
+ * a sorted unique array the caller frees. Returns 0, UV_EINVAL or UV_ENOMEM. */
+static int parse_recent(const char *text, int64_t last, int64_t **out, size_t *count)
+{
+    int64_t *ids = cm_malloc(RECENT_MAX * sizeof *ids);
+    if (!ids)
+        return UV_ENOMEM;
+    size_t n = 0;
+    const char *p = text;
+    for (;;) {
+        if (*p < '0' || *p > '9' || n == RECENT_MAX)
+            goto bad;
+        char *end = NULL;
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (errno || v <= 0 || v > last)
+            goto bad;
+        ids[n++] = v;
+        if (*end == '\0')
+            break;
+        if (*end != ',')
+            goto bad;
+        p = end + 1;
+    }
+    qsort(ids, n, sizeof *ids, cmp_id);
+    size_t u = 0;
+    for (size_t i = 0; i < n; i++)
+        if (u == 0 || ids[u - 1] != ids[i])
+            ids[u++] = ids[i];
+    *out = ids;
+    *count = u;
+    return 0;
+bad:
+    cm_free(ids);
+    return UV_EINVAL;
+}
 
 /* Non-zero when the comma list `value` holds `token` (case-insensitive, RFC 9110 §5.6.1). */
 static int has_token(const char *value, const char *token)
@@ -499,7 +585,32 @@ void on_client_handle_upgrade(cm_http_request_t *req, void *ud)
         }
         resume_from = v;
     }
+    int64_t *recent = NULL;
+    size_t nrecent = 0;
+    char *recent_text = cm_malloc(RECENT_TEXT_MAX);
+    rc = recent_text ? cm_http_query_param(req, "recent_event_ids", recent_text, RECENT_TEXT_MAX)
+                     : UV_ENOMEM;
+    if (rc != UV_ENOENT) {
+        if (rc >= 0)
+            rc = resume_from >= 0 ? parse_recent(recent_text, resume_from, &recent, &nrecent)
+                                  : UV_EINVAL;
+        if (rc == UV_ENOMEM) {
+            cm_free(recent_text);
+            cm_http_respond_error(req, 503, "out_of_memory", "out of memory", NULL);
+            return;
+        }
+        if (rc < 0) {
+            cm_free(recent_text);
+            reject(req, app, 400, "invalid_recent_event_ids",
+                   "recent_event_ids must be up to 256 comma-separated ids, none above "
+                   "last_event_id (which it requires)",
+                   NULL);
+            return;
+        }
+    }
+    cm_free(recent_text);
     if (on_hub_clients(app->hub) >= (size_t)app->cfg.ws_max_connections) {
+        cm_free(recent);
         reject(req, app, 503, "too_many_connections", "connection limit reached",
                "Retry-After: 1\r\n");
         return;
@@ -508,12 +619,15 @@ void on_client_handle_upgrade(cm_http_request_t *req, void *ud)
     on_client_t *c = cm_calloc(1, sizeof *c);
     if (!c || on_ws_new(&ws_cbs, c, MAX_CLIENT_MESSAGE, &c->ws) != 0) {
         cm_free(c);
+        cm_free(recent);
         cm_http_respond_error(req, 503, "out_of_memory", "out of memory", NULL);
         return;
     }
     c->app = app;
     c->claims = claims;
     c->resume_from = resume_from;
+    c->recent = recent;
+    c->nrecent = nrecent;
     char head[256];
     int hl = snprintf(head, sizeof head,
                       "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -521,6 +635,7 @@ void on_client_handle_upgrade(cm_http_request_t *req, void *ud)
                       accept);
     if (cm_http_upgrade(req, head, (size_t)hl, &raw_cbs, c, &c->conn) != 0) {
         on_ws_free(c->ws);
+        cm_free(c->recent);
         cm_free(c);
         return;
     }

@@ -45,6 +45,11 @@ struct on_client {
     on_ws_t *ws;
     on_jwt_claims_t claims;
     int64_t resume_from; /* last_event_id, or -1 */
+    /* recent_event_ids: ids <= last_event_id the client says it has, sorted ascending, unique
+     * (NULL: none given). From recent[0] up, an id below last_event_id that is not listed is
+     * one the client has not seen: a late committer, replayed or delivered live. */
+    int64_t *recent;
+    size_t nrecent;
     /* hub membership (owned by the hub) */
     struct on_hub_entry *entry;
     on_client_t *entry_prev, *entry_next;

@@ -127,20 +127,22 @@ def writer_for(servers):
         w.close()
 
 
-def ws_url(daemon, token=None, last_event_id=None):
+def ws_url(daemon, token=None, last_event_id=None, recent=None):
     url = f"ws://127.0.0.1:{daemon.port}/ws/orders"
     params = []
     if token:
         params.append("access_token=" + token)
     if last_event_id is not None:
         params.append(f"last_event_id={last_event_id}")
+    if recent is not None:
+        params.append("recent_event_ids=" + ",".join(str(i) for i in recent))
     return url + ("?" + "&".join(params) if params else "")
 
 
-def connect(daemon, user, scope=None, last_event_id=None, timeout=5, **kw):
+def connect(daemon, user, scope=None, last_event_id=None, timeout=5, recent=None, **kw):
     """Connects, checks the welcome frame, returns the socket."""
-    ws = websocket.create_connection(ws_url(daemon, make_token(user, scope=scope), last_event_id),
-                                     timeout=timeout, **kw)
+    ws = websocket.create_connection(
+        ws_url(daemon, make_token(user, scope=scope), last_event_id, recent), timeout=timeout, **kw)
     welcome = json.loads(ws.recv())
     assert welcome == {"type": "welcome", "user_id": user, "resumed_from": last_event_id}
     return ws
@@ -557,6 +559,58 @@ def test_live_sibling_keeps_events_a_resuming_client_replays(start_daemon, write
     missing = sorted(set(expected) - set(live_got))
     assert not missing, f"live client lost {len(missing)} of {len(expected)}: {missing[:10]}"
     live.close()
+
+
+def test_resume_with_recent_ids_gets_late_committers(start_daemon, writer_for, servers):
+    """Ids commit out of order: two transactions take lower ids, a third commits a higher one
+    that the client sees, then the client drops. One low one commits while it is away, the
+    other after it resumed. With recent_event_ids (the ids it has) the resumed client gets
+    both, each once, and nothing it already had."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    ws = connect(on, user)
+    oid = w.create(user)
+    others = [w.create(user), w.create(user)]  # one order each: no row lock between them
+    slow = []
+    for o in others:  # open transactions holding the next two ids
+        t = Writer(servers, on.env["PG_CHANNEL"])
+        t.conn.autocommit = False
+        t.fill(o, "0.5")
+        slow.append(t)
+    w.fill(oid, "1")
+    have = [m["event_id"] for m in recv_updates(ws, 4)]
+    ws.close()
+    last = max(have)
+    slow[0].conn.commit()  # committed while the client is away
+    w.fill(oid, "1.5")
+    away = w.event_ids(user, after=0)
+    missed = sorted(set(away) - set(have))
+    assert len(missed) == 2 and missed[0] < last < missed[1]
+    # Without the list, a resume keeps today's rule (nothing at or below last_event_id).
+    plain = connect(on, user, last_event_id=last)
+    assert [m["event_id"] for m in recv_updates(plain, 1)] == [missed[1]]
+    plain.close()
+    ws = connect(on, user, last_event_id=last, recent=have)
+    got = [m["event_id"] for m in recv_updates(ws, 2)]
+    assert got == missed
+    slow[1].conn.commit()  # a lower id again, now arriving live
+    late = w.event_ids(user, after=0)
+    got += [m["event_id"] for m in recv_updates(ws, 1)]
+    got += [m["event_id"] for m in recv_until_quiet(ws, 0.5)]
+    assert sorted(got) == sorted(set(late) - set(have))
+    assert len(got) == len(set(got))
+    ws.close()
+    for t in slow:
+        t.close()
+    # The list needs last_event_id, and no id in it may be above it.
+    up = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    base = f"{on.url}/ws/orders?access_token={make_token(user)}"
+    for q in ("&recent_event_ids=1", f"&last_event_id=5&recent_event_ids=6",
+              "&last_event_id=5&recent_event_ids=1,x", "&last_event_id=5&recent_event_ids=",
+              "&last_event_id=999&recent_event_ids=" + ",".join(["1"] * 257)):
+        assert http_request("GET", base + q, headers=up)[0] == 400, q
 
 
 def test_resume_while_events_keep_committing(start_daemon, writer_for, servers):
