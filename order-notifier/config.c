@@ -1,8 +1,8 @@
 #include "config.h"
 
+#include "cm/pg.h"
 #include "cm/redis.h"
 
-#include <libpq-fe.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -12,36 +12,6 @@ const char *const on_config_reloadable[] = {"LOG_LEVEL", NULL};
 
 static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const formats[] = {"json", "text", NULL};
-
-static void reject(cm_config_t *c, const char *key, const char *what)
-{
-    if (!c->failed) {
-        snprintf(c->error, sizeof c->error, "%s: %s", key, what);
-        c->failed = 1;
-    }
-}
-
-static void url_setting(cm_config_t *c, int production, const char *key, const char *def,
-                        const char **out)
-{
-    cm_config_str(c, key, production ? NULL : def, out);
-    if (!*out) {
-        reject(c, key, "required when APP_ENV=production");
-        return;
-    }
-    if (strcmp(key, "REDIS_URL") == 0) {
-        cm_redis_url_t u;
-        if (cm_redis_url_parse(*out, &u) != 0)
-            reject(c, key, "expected redis://[user:password@]host[:port][/db] or unix:///path");
-    } else {
-        char *errmsg = NULL;
-        PQconninfoOption *opts = PQconninfoParse(*out, &errmsg);
-        if (!opts)
-            reject(c, key, "not a libpq connection string");
-        PQconninfoFree(opts);
-        PQfreemem(errmsg);
-    }
-}
 
 /* LISTEN takes an identifier, not a parameter: keep it to a plain one. */
 static int valid_channel(const char *s)
@@ -61,33 +31,33 @@ static int valid_channel(const char *s)
 int on_config_load(cm_config_t *c, on_config_t *out)
 {
     memset(out, 0, sizeof *out);
-    const char *env;
     int idx;
-    cm_config_str(c, "APP_ENV", "development", &env);
-    out->production = env && strcmp(env, "production") == 0;
+    cm_config_app_env(c);
+    out->production = c->production;
     cm_config_listen(c, "ORDER_NOTIFIER_LISTEN", "0.0.0.0:8081", out->listen_host,
                      sizeof out->listen_host, &out->listen_port);
-    url_setting(c, out->production, "REDIS_URL", "redis://127.0.0.1:6379/0", &out->redis_url);
-    url_setting(c, out->production, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/markets",
-                &out->database_url);
+    cm_config_checked(c, "REDIS_URL", "redis://127.0.0.1:6379/0", cm_redis_url_check,
+                      &out->redis_url);
+    cm_config_checked(c, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/markets",
+                      cm_pg_conninfo_check, &out->database_url);
     cm_config_str(c, "PG_CHANNEL", "order_events", &out->pg_channel);
     if (out->pg_channel && !valid_channel(out->pg_channel))
-        reject(c, "PG_CHANNEL", "expected an identifier of 1 to 63 letters, digits or '_'");
+        cm_config_reject(c, "PG_CHANNEL", "expected an identifier of 1 to 63 letters, digits or '_'");
 
     cm_config_str(c, "JWT_SECRET", NULL, &out->jwt_secret);
     if (!out->jwt_secret) {
         if (out->production)
-            reject(c, "JWT_SECRET", "required when APP_ENV=production");
+            cm_config_reject(c, "JWT_SECRET", "required when APP_ENV=production");
         out->jwt_secret = ON_DEV_JWT_SECRET;
         out->jwt_secret_is_dev = 1;
     } else if (out->production && strlen(out->jwt_secret) < 32) {
-        reject(c, "JWT_SECRET", "expected at least 32 bytes for HS256 in production");
+        cm_config_reject(c, "JWT_SECRET", "expected at least 32 bytes for HS256 in production");
     }
 
     cm_config_list(c, "WS_ALLOWED_ORIGINS", out->production ? NULL : "*", &out->origins,
                    &out->norigins);
     if (out->norigins == 0)
-        reject(c, "WS_ALLOWED_ORIGINS", "required when APP_ENV=production");
+        cm_config_reject(c, "WS_ALLOWED_ORIGINS", "required when APP_ENV=production");
 
     cm_config_int(c, "WS_MAX_CONNECTIONS", 10000, 1, 1000000, &out->ws_max_connections);
     cm_config_int(c, "WS_SEND_QUEUE_MAX_BYTES", 1048576, 1024, 1L << 30, &out->ws_send_queue_max);

@@ -468,22 +468,13 @@ int main(int argc, char **argv)
 
     cm_config_t c;
     cm_config_init_env(&c);
-    cm_config_file_t *file = NULL;
-    const char *path = getenv("CONFIG_FILE");
-    if (path && *path) {
-        char err[256];
-        if (cm_config_file_load(path, &file, err, sizeof err) != 0) {
-            fprintf(stderr, "order-notifier: CONFIG_FILE: %s\n", err);
-            return 2;
-        }
-        c.file = file;
-        c.file_keys = on_config_reloadable;
-    }
-    int rc = on_config_load(&c, &app.cfg);
+    int rc = cm_config_use_file(&c, on_config_reloadable);
+    if (rc == 0)
+        rc = on_config_load(&c, &app.cfg);
     if (rc != 0) {
         fprintf(stderr, "order-notifier: %s\n", c.error);
         on_config_free(&app.cfg);
-        cm_config_file_free(file);
+        cm_config_release(&c);
         return 2;
     }
     cm_log_init("order-notifier", app.cfg.log_level, app.cfg.log_format);
@@ -518,6 +509,6 @@ int main(int argc, char **argv)
     cm_router_free(router);
     cm_metrics_free(app.registry);
     on_config_free(&app.cfg);
-    cm_config_file_free(file);
+    cm_config_release(&c);
     return status;
 }
