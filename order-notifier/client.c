@@ -129,11 +129,31 @@ static void on_ping_timer(uv_timer_t *t)
         on_client_close(c, ON_WS_CLOSE_INTERNAL);
 }
 
+/* Longest single wait for a token's expiry (1 day); a later `exp` re-arms the timer. */
+#define EXPIRY_STEP_S 86400
+
+/* Arms the expiry timer toward claims.exp in steps, so any `exp` (up to INT64_MAX seconds)
+ * fits the timer without overflowing milliseconds. */
+static void arm_expiry(on_client_t *c);
+
 static void on_expiry(uv_timer_t *t)
 {
     on_client_t *c = t->data;
+    if ((int64_t)time(NULL) < c->claims.exp) {
+        arm_expiry(c);
+        return;
+    }
     cm_log_info("token expired; closing", "user", c->claims.sub, NULL);
     on_client_close(c, ON_WS_CLOSE_POLICY);
+}
+
+static void arm_expiry(on_client_t *c)
+{
+    int64_t now = (int64_t)time(NULL);
+    int64_t left_s = c->claims.exp > now ? c->claims.exp - now : 0;
+    if (left_s > EXPIRY_STEP_S)
+        left_s = EXPIRY_STEP_S;
+    uv_timer_start(&c->expiry_timer, on_expiry, (uint64_t)left_s * 1000, 0);
 }
 
 /* ---- sending ------------------------------------------------------------------------------- */
@@ -350,10 +370,14 @@ void on_client_start(on_client_t *c)
     cJSON *j = cJSON_CreateObject();
     cJSON_AddStringToObject(j, "type", "welcome");
     cJSON_AddStringToObject(j, "user_id", c->claims.sub);
-    if (c->resume_from >= 0)
-        cJSON_AddNumberToObject(j, "resumed_from", (double)c->resume_from);
-    else
+    if (c->resume_from >= 0) {
+        /* A 64-bit id as a JSON integer: cJSON's doubles would print 9.2e18. */
+        char id[24];
+        snprintf(id, sizeof id, "%" PRId64, c->resume_from);
+        cJSON_AddRawToObject(j, "resumed_from", id);
+    } else {
         cJSON_AddNullToObject(j, "resumed_from");
+    }
     char *s = cJSON_PrintUnformatted(j);
     cJSON_Delete(j);
     if (!s) {
@@ -645,8 +669,7 @@ void on_client_handle_upgrade(cm_http_request_t *req, void *ud)
     c->expiry_timer.data = c;
     c->pending = 2;
     c->last_rx_ms = uv_now(app->loop);
-    int64_t left_ms = (claims.exp - (int64_t)time(NULL)) * 1000;
-    uv_timer_start(&c->expiry_timer, on_expiry, left_ms > 0 ? (uint64_t)left_ms : 0, 0);
+    arm_expiry(c);
     if (on_hub_join(app->hub, c) != 0)
         on_client_close(c, ON_WS_CLOSE_INTERNAL);
 }

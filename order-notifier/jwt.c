@@ -1,3 +1,5 @@
+/* memmem() */
+#define _GNU_SOURCE
 #include "jwt.h"
 
 #include "cm/alloc.h"
@@ -72,6 +74,10 @@ static cJSON *decode_json(const char *seg, size_t len)
     unsigned char raw[TOKEN_MAX];
     int n = b64url_decode(seg, len, raw, sizeof raw);
     if (n <= 0)
+        return NULL;
+    /* cJSON hands strings out NUL-terminated: a "\u0000" inside one would silently cut it
+     * ("victim\u0000attacker" read as "victim"). No claim of ours needs a NUL: refuse. */
+    if (memmem(raw, (size_t)n, "\\u0000", 6))
         return NULL;
     cJSON *j = cJSON_ParseWithLength((const char *)raw, (size_t)n);
     if (j && !cJSON_IsObject(j)) {

@@ -29,6 +29,8 @@ const char *on_version(void);
 #define SHUTDOWN_DEADLINE_MS 5000
 
 static on_app_t app;
+/* start() could not listen on ORDER_NOTIFIER_LISTEN for a reason of configuration. */
+static int bad_listen;
 static uv_signal_t sig_term, sig_int, sig_hup;
 static cm_router_t *router;
 static int pending_closes;
@@ -435,6 +437,10 @@ static int start(void)
     if ((rv = cm_http_server_start(app.loop, &hc, &app.http)) != 0) {
         cm_log_error("cannot listen", "address", app.cfg.listen_host, "error", uv_strerror(rv),
                      NULL);
+        fprintf(stderr, "order-notifier: cannot listen: %s (ORDER_NOTIFIER_LISTEN=%s:%d)\n",
+                uv_strerror(rv), app.cfg.listen_host, app.cfg.listen_port);
+        /* A busy port is the machine's state; an address that cannot be used is bad config. */
+        bad_listen = rv != UV_EADDRINUSE && rv != UV_ENOMEM;
         return rv;
     }
     char port[8];
@@ -485,7 +491,7 @@ int main(int argc, char **argv)
     int status = 0;
     if (rc != 0) {
         cm_log_error("startup failed", "error", uv_strerror(rc), NULL);
-        status = 1;
+        status = bad_listen ? 2 : 1;
         /* Unwind what started so the loop can close. */
         if (app.http)
             shutdown_now();

@@ -857,3 +857,22 @@ def test_sighup_reloads_log_level(start_daemon, tmp_path):
     cfg.write_text("LOG_LEVEL=shouting\n")
     on.signal(signal.SIGHUP)
     assert wait_for(lambda: any("reload failed" in l.get("msg", "") for l in on.log_lines()), 5)
+
+
+def test_far_future_token_expiry_and_nul_in_sub(start_daemon, writer_for):
+    """exp = 1e16 is a valid token that must not overflow the expiry timer (it crashed the
+    daemon under UBSan and closed the socket at once without); a NUL inside sub is refused."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    token = make_token(user, claims={"sub": user, "exp": 10**16})
+    ws = websocket.create_connection(ws_url(on, token), timeout=5)
+    assert json.loads(ws.recv())["type"] == "welcome"
+    w.create(user)
+    assert len(recv_updates(ws, 1)) == 1
+    ws.close()
+    forged = make_token(user, claims={"sub": user + "\u0000attacker", "exp": int(time.time()) + 60})
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        websocket.create_connection(ws_url(on, forged), timeout=5)
+    assert e.value.status_code == 401
+    assert on.proc.poll() is None

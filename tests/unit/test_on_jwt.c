@@ -161,6 +161,20 @@ static void missing_claims(void **state)
     assert_int_equal(verify(t, &c), UV_EINVAL);
     make_token("{\"alg\":\"HS256\"}", "[1,2]", t);
     assert_int_equal(verify(t, &c), UV_EINVAL);
+    /* A NUL inside sub would cut it to another user's id. */
+    make_token("{\"alg\":\"HS256\"}", "{\"sub\":\"victim\\u0000attacker\",\"exp\":1800000060}", t);
+    assert_int_equal(verify(t, &c), UV_EINVAL);
+}
+
+/* A far-future exp is valid and kept exactly (the expiry timer must not overflow on it). */
+static void far_future_exp(void **state)
+{
+    (void)state;
+    on_jwt_claims_t c;
+    char t[1024];
+    make_token("{\"alg\":\"HS256\"}", "{\"sub\":\"u1\",\"exp\":1e16}", t);
+    assert_int_equal(verify(t, &c), 0);
+    assert_true(c.exp == (int64_t)1e16);
 }
 
 static void malformed(void **state)
@@ -189,6 +203,7 @@ int main(void)
         cmocka_unit_test(alg_none_and_others),
         cmocka_unit_test(missing_claims),
         cmocka_unit_test(malformed),
+        cmocka_unit_test(far_future_exp),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     return rc || cm_alloc_live() != 0;
