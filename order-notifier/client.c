@@ -299,6 +299,16 @@ static void resume_done(cm_pg_t *pg, const PGresult *res, const char *error, voi
     } else {
         cm_free(replayed);
     }
+    /* The contract replays at most RESUME_LIMIT events: say so rather than leave a silent
+     * gap, so a client can fetch the rest another way (or warn its user). */
+    if (n >= RESUME_LIMIT && !c->closing && nreplayed > 0) {
+        char note[128];
+        int len = snprintf(note, sizeof note,
+                           "{\"type\":\"resume_truncated\",\"limit\":%d,"
+                           "\"last_replayed_event_id\":%" PRId64 "}",
+                           RESUME_LIMIT, replayed[nreplayed - 1]);
+        (void)send_text(c, note, (size_t)len);
+    }
     c->replaying = 0;
     on_resume_finish(&c->resume, emit_held, c);
 }

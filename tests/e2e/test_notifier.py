@@ -876,3 +876,27 @@ def test_far_future_token_expiry_and_nul_in_sub(start_daemon, writer_for):
         websocket.create_connection(ws_url(on, forged), timeout=5)
     assert e.value.status_code == 401
     assert on.proc.poll() is None
+
+
+def test_resume_past_the_limit_says_so(start_daemon, writer_for):
+    """More than 1000 missed events: the 1000 oldest come, then a resume_truncated frame."""
+    on = start_daemon("order-notifier", notifier_env())
+    w = writer_for(on)
+    user = uid()
+    oid = w.create(user)
+    first = w.last_event_id(user)
+    for i in range(1005):
+        w.fill(oid, str(i))
+    ws = connect(on, user, last_event_id=first)
+    updates, note = [], None
+    deadline = time.monotonic() + 20
+    while note is None and time.monotonic() < deadline:
+        msg = recv_json(ws, timeout=10)
+        if msg.get("type") == "order_update":
+            updates.append(msg["event_id"])
+        elif msg.get("type") == "resume_truncated":
+            note = msg
+    assert len(updates) == 1000
+    assert note == {"type": "resume_truncated", "limit": 1000,
+                    "last_replayed_event_id": updates[-1]}
+    ws.close()
