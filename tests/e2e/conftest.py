@@ -242,3 +242,31 @@ def raw_exchange(port, data, read_timeout=2.0):
         except socket.timeout:
             pass
         return b"".join(chunks)
+
+
+def metric(daemon, name, labels=""):
+    """A sample from the daemon's /metrics: the series `name{labels}` when labels are given
+    (as rendered, e.g. '{result="hit"}'), else the sum over every series of `name`; None when
+    absent."""
+    _, _, body = http_request("GET", daemon.url + "/metrics")
+    total, found = 0.0, False
+    for line in body.decode().splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if (key == name + labels) if labels else (key == name or key.startswith(name + "{")):
+            total += float(value)
+            found = True
+    return total if found else None
+
+
+def wait_for(pred, timeout=10.0, step=0.05):
+    """Polls `pred` until it returns something true or `timeout` seconds pass; returns its
+    last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()

@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 import websocket
 
-from conftest import http_request
+from conftest import http_request, metric, wait_for
 
 SECRET = "e2e-secret-for-the-order-notifier-tests"
 
@@ -212,29 +212,6 @@ def close_code(ws, timeout=5):
             return None
         if op == websocket.ABNF.OPCODE_CLOSE:
             return struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 0
-
-
-def metric(daemon, name):
-    _, _, body = http_request("GET", daemon.url + "/metrics")
-    total, found = 0.0, False
-    for line in body.decode().splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == name or key.startswith(name + "{"):
-            total += float(value)
-            found = True
-    return total if found else None
-
-
-def wait_for(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
 
 
 def wait_leader(*daemons, timeout=10):

@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from conftest import binary_path, http_get_json, http_request, raw_exchange
+from conftest import (binary_path, http_get_json, http_request, metric, raw_exchange,
+                      wait_for)
 
 PRICE = "/api/markets/price?market="
 
@@ -30,30 +31,6 @@ def new_market(db, price="64123.450000", confidence="12.5", source="pyth"):
 def set_price(db, market, price):
     with db.cursor() as cur:
         cur.execute("UPDATE oracle_prices SET price = %s WHERE market = %s", (price, market))
-
-
-def metric(daemon, name, labels=""):
-    _, _, body = http_request("GET", daemon.url + "/metrics")
-    total = 0.0
-    found = False
-    for line in body.decode().splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == name + labels or (not labels and key.startswith(name + "{") is False and key == name):
-            total += float(value)
-            found = True
-    return total if found else None
-
-
-def wait_for(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
 
 
 def test_miss_then_hit_with_exact_decimals(start_daemon, db):

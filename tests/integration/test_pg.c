@@ -15,6 +15,7 @@
 
 #include <libpq-fe.h>
 
+#include "loop_util.h"
 #include "cm/alloc.h"
 #include "cm/log.h"
 #include "cm/pg.h"
@@ -54,37 +55,6 @@ static void on_notify(cm_pg_t *pg, const char *channel, const char *payload, int
     s->notifies++;
     snprintf(s->channel, sizeof s->channel, "%s", channel);
     snprintf(s->payload, sizeof s->payload, "%s", payload);
-}
-
-static void tick(uv_timer_t *t)
-{
-    (void)t;
-}
-
-static int run_until(uv_loop_t *loop, const int *flag, int want, uint64_t ms)
-{
-    uv_timer_t ticker;
-    uv_timer_init(loop, &ticker);
-    uv_timer_start(&ticker, tick, 5, 5);
-    uint64_t end = uv_now(loop) + ms;
-    while (*flag < want && uv_now(loop) < end)
-        uv_run(loop, UV_RUN_ONCE);
-    uv_close((uv_handle_t *)&ticker, NULL);
-    uv_run(loop, UV_RUN_NOWAIT);
-    return *flag >= want;
-}
-
-static void run_for(uv_loop_t *loop, uint64_t ms)
-{
-    int never = 0;
-    run_until(loop, &never, 1, ms);
-}
-
-static int closed;
-static void on_closed(void *ud)
-{
-    (void)ud;
-    closed++;
 }
 
 static cm_pg_t *open_pg(uv_loop_t *loop, state_t *st, int pool, int listen)
@@ -150,22 +120,6 @@ static void on_result(cm_pg_t *pg, const struct pg_result *res, const char *erro
     for (int i = 0; i < PQnfields(res) && i < 4 && r->rows > 0; i++)
         snprintf(r->v[i], sizeof r->v[i], "%s",
                  PQgetisnull(res, 0, i) ? "<null>" : PQgetvalue(res, 0, i));
-}
-
-static int servers_ctl(const char *what)
-{
-    const char *dir = getenv("MARKETS_SERVERS_DIR");
-    char src[512], cmd[1024];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *at = strstr(src, "tests/integration/");
-    if (!at)
-        return -1;
-    if (at == src)
-        strcpy(src, ".");
-    else
-        at[-1] = '\0';
-    snprintf(cmd, sizeof cmd, "%s/scripts/servers.sh %s %s >/dev/null 2>&1", src, what, dir);
-    return system(cmd);
 }
 
 /* ---------------------------------------------------------------------------------------- */

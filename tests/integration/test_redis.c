@@ -15,6 +15,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include "loop_util.h"
 #include "cm/alloc.h"
 #include "cm/log.h"
 #include "cm/redis.h"
@@ -41,38 +42,6 @@ static void on_state(cm_redis_t *r, int up, const char *error, void *ud)
         assert_non_null(error);
     }
     s->up = up;
-}
-
-static void tick(uv_timer_t *t)
-{
-    (void)t;
-}
-
-/* Runs the loop until *flag >= want or `ms` passed. Returns 1 when the flag got there. */
-static int run_until(uv_loop_t *loop, const int *flag, int want, uint64_t ms)
-{
-    uv_timer_t ticker;
-    uv_timer_init(loop, &ticker);
-    uv_timer_start(&ticker, tick, 5, 5);
-    uint64_t end = uv_now(loop) + ms;
-    while (*flag < want && uv_now(loop) < end)
-        uv_run(loop, UV_RUN_ONCE);
-    uv_close((uv_handle_t *)&ticker, NULL);
-    uv_run(loop, UV_RUN_NOWAIT);
-    return *flag >= want;
-}
-
-static void run_for(uv_loop_t *loop, uint64_t ms)
-{
-    int never = 0;
-    run_until(loop, &never, 1, ms);
-}
-
-static int closed;
-static void on_closed(void *ud)
-{
-    (void)ud;
-    closed++;
 }
 
 static cm_redis_t *open_client(uv_loop_t *loop, state_t *st, uint64_t timeout_ms, const char *name)
@@ -131,24 +100,6 @@ static void on_reply(cm_redis_t *r, struct redisReply *reply, int status, void *
     out->at_ms = uv_hrtime() / 1000000;
     if (status != CM_REDIS_OK)
         assert_null(reply);
-}
-
-static int servers_ctl(const char *what)
-{
-    const char *dir = getenv("MARKETS_SERVERS_DIR");
-    char cmd[1024];
-    /* scripts/servers.sh, found from this file's path (tests/integration/test_redis.c). */
-    char src[512];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *at = strstr(src, "tests/integration/");
-    if (!at)
-        return -1;
-    if (at == src)
-        strcpy(src, ".");
-    else
-        at[-1] = '\0';
-    snprintf(cmd, sizeof cmd, "%s/scripts/servers.sh %s %s >/dev/null 2>&1", src, what, dir);
-    return system(cmd);
 }
 
 /* ---------------------------------------------------------------------------------------- */
