@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -571,11 +572,19 @@ static void put_err(char *err, size_t errsz, const char *fmt, ...)
 /* Reads the whole file into a cm_malloc'd NUL-terminated buffer. */
 static int read_all(const char *path, char **data, size_t *size, char *err, size_t errsz)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* Non-blocking open and a regular-file check: the file is read on the loop (SIGHUP), and
+     * a FIFO or device named by mistake would block it for good. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         int e = errno;
         put_err(err, errsz, "%s: %s", path, strerror(e));
         return -e;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        put_err(err, errsz, "%s: not a regular file", path);
+        return UV_EINVAL;
     }
     size_t cap = 4096, len = 0;
     char *buf = cm_malloc(cap);

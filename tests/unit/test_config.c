@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -621,6 +622,20 @@ static void use_file_from_environment(void **state)
     assert_string_equal(url, getenv("REDIS_URL") ? getenv("REDIS_URL") : "redis://env-default");
     cm_config_release(&c);
     unlink(path);
+
+    /* A FIFO would block the loop on SIGHUP: refused without reading. */
+    char fifo[] = "/tmp/cm-config-fifo-XXXXXX";
+    int tfd = mkstemp(fifo);
+    assert_true(tfd >= 0);
+    close(tfd);
+    unlink(fifo);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    setenv("CONFIG_FILE", fifo, 1);
+    cm_config_init_env(&c);
+    assert_int_equal(cm_config_use_file(&c, reloadable), UV_EINVAL);
+    assert_non_null(strstr(c.error, "not a regular file"));
+    cm_config_release(&c);
+    unlink(fifo);
 
     setenv("CONFIG_FILE", "/nonexistent/markets.conf", 1);
     cm_config_init_env(&c);
