@@ -35,15 +35,14 @@ typedef struct on_metrics {
 typedef struct on_app {
     uv_loop_t *loop;
     on_config_t cfg;
-    cm_metrics_t *registry;
+    cm_metrics_t *registry; /* the service's (cm/service.h) */
     on_metrics_t m;
     cm_redis_t *redis_pub; /* PUBLISH, PING, health */
     cm_redis_t *redis_sub; /* SUBSCRIBE only */
     cm_pg_t *pg;           /* pool (resume, catch-up) + the LISTEN session */
     struct on_hub *hub;
     struct on_leader *leader;
-    cm_http_server_t *http;
-    int stopping;
+    int stopping;      /* from the first stop signal on: new streams are refused */
     char instance[40]; /* this process, for sync markers and logs: "<host>:<pid>:<rand>" */
 } on_app_t;
 

@@ -1,7 +1,7 @@
 /*
  * client.h: one WebSocket client of GET /ws/orders, from the upgrade request to the close.
  *
- * Before the upgrade (CONTRACT.md): 426 without a WebSocket upgrade, 403 for an Origin not in
+ * Before the upgrade (docs/openapi.yaml): 426 without a WebSocket upgrade, 403 for an Origin not in
  * WS_ALLOWED_ORIGINS, 401 for a missing or bad token, 503 at WS_MAX_CONNECTIONS. After it:
  * `welcome`, then with last_event_id the user's missed events (up to 1000, id order), then live
  * events, no duplicate. Protocol pings every WS_PING_INTERVAL_MS, close after two silent
@@ -16,33 +16,30 @@
 
 #include "app.h"
 #include "dedup.h"
+#include "frame.h"
+#include "gate.h"
 #include "jwt.h"
-#include "ws.h"
 
 #include "cm/http.h"
+#include "cm/ws.h"
 
 #include <stdint.h>
 #include <uv.h>
 
-/* A frame shared by every socket it goes to (reference counted). */
-typedef struct on_frame {
-    int refs;
-    int64_t id;
-    double created_at; /* commit-side timestamp (s), for the delivery histogram */
-    size_t len;
-    char data[];
-} on_frame_t;
-
-/* A frame with one reference holding a copy of `len` bytes of `data`, or NULL (ENOMEM). */
-on_frame_t *on_frame_new(int64_t id, double created_at, const char *data, size_t len);
-void on_frame_ref(on_frame_t *f);
-void on_frame_unref(on_frame_t *f);
+/* The close codes under the names the notifier's delivery and resume code uses. */
+enum {
+    ON_WS_CLOSE_GOING_AWAY = CM_WS_CLOSE_GOING_AWAY,
+    ON_WS_CLOSE_POLICY = CM_WS_CLOSE_POLICY,
+    ON_WS_CLOSE_INTERNAL = CM_WS_CLOSE_INTERNAL,
+    ON_WS_CLOSE_TRY_AGAIN = CM_WS_CLOSE_TRY_AGAIN,
+};
 
 typedef struct on_client on_client_t;
 struct on_client {
     on_app_t *app;
-    cm_http_conn_t *conn;
-    on_ws_t *ws;
+    cm_http_conn_t *conn; /* the session's, for logs; NULL once closed */
+    cm_ws_t *ws;          /* the WebSocket session, NULL once closed (or for SSE) */
+    struct cm_sse *sse;   /* the SSE stream, NULL once closed (or for a WebSocket) */
     on_jwt_claims_t claims;
     int64_t resume_from; /* last_event_id, or -1 */
     /* recent_event_ids: ids <= last_event_id the client says it has, sorted ascending, unique
@@ -50,14 +47,11 @@ struct on_client {
      * one the client has not seen: a late committer, replayed or delivered live. */
     int64_t *recent;
     size_t nrecent;
-    /* hub membership (owned by the hub) */
-    struct on_hub_entry *entry;
-    on_client_t *entry_prev, *entry_next;
-    on_client_t *all_prev, *all_next;
+    struct on_hub_member *member; /* the hub's record of this client, NULL when not in it */
     /* state */
     int started;   /* welcome sent */
-    int replaying; /* resume query in flight: live frames are held in `resume` */
-    on_resume_t resume;
+    int replaying; /* resume read in flight: live frames are held in `gate` */
+    on_gate_t gate;
     /* Ids this client got from its resume replay, sorted ascending. A live copy of one (it was
      * committed before the replay query but published after it, or re-published by a catch-up)
      * is dropped here rather than in the entry, whose other sockets still need it. Kept until
@@ -75,7 +69,10 @@ struct on_client {
 
 /* GET /ws/orders handler; `ud` is the on_app_t. */
 void on_client_handle_upgrade(cm_http_request_t *req, void *ud);
-/* Called by the hub once the client's subscription is in effect: welcome, then resume. */
+/* GET /sse/orders handler: the same stream as Server-Sent Events (one `id:` per event, the
+ * same JSON in `data:`, comment heartbeats, Last-Event-ID resumes); `ud` is the on_app_t. */
+void on_client_handle_sse(cm_http_request_t *req, void *ud);
+/* Once the client's subscription is in effect (the hub says so): welcome, then resume. */
 void on_client_start(on_client_t *c);
 /* Sends an event frame (or holds it while a resume is being replayed). `f` is borrowed. */
 void on_client_deliver(on_client_t *c, on_frame_t *f);

@@ -8,19 +8,23 @@
 
 #define EMPTY 0
 #define TOMB (-1)
+#define MIN_RING 8
 
-void on_idset_init(on_idset_t *s, size_t cap)
+void on_idset_init(on_idset_t *s, size_t cap, uint64_t window_ms)
 {
     memset(s, 0, sizeof *s);
-    s->cap = cap < 8 ? 8 : cap;
+    s->cap = cap;
+    s->window_ms = window_ms;
+    if (window_ms == 0 && s->cap < MIN_RING)
+        s->cap = MIN_RING;
 }
 
 void on_idset_free(on_idset_t *s)
 {
-    size_t cap = s->cap;
     cm_free(s->ring);
+    cm_free(s->times);
     cm_free(s->slots);
-    on_idset_init(s, cap);
+    on_idset_init(s, s->cap, s->window_ms);
 }
 
 static size_t hash_id(int64_t id, size_t n)
@@ -65,65 +69,80 @@ static void slot_del(on_idset_t *s, int64_t id)
     }
 }
 
-/* Rebuilds ring and table at `ring_cap` (a power of two), dropping tombstones. */
+/* Rebuilds ring and table at `ring_cap` (a power of two >= count), dropping tombstones. */
 static int rebuild(on_idset_t *s, size_t ring_cap)
 {
     size_t nslots = ring_cap * 2;
     int64_t *ring = cm_malloc(ring_cap * sizeof *ring);
+    uint64_t *times = cm_malloc(ring_cap * sizeof *times);
     int64_t *slots = cm_calloc(nslots, sizeof *slots);
-    if (!ring || !slots) {
+    if (!ring || !times || !slots) {
         cm_free(ring);
+        cm_free(times);
         cm_free(slots);
         return UV_ENOMEM;
     }
-    size_t keep = s->count < ring_cap ? s->count : ring_cap;
-    for (size_t k = 0; k < keep; k++) {
-        /* oldest first, so the newest `keep` survive */
-        size_t from = (s->head + s->ring_cap - keep + k) % (s->ring_cap ? s->ring_cap : 1);
+    for (size_t k = 0; k < s->count; k++) {
+        size_t from = (s->head + s->ring_cap - s->count + k) & (s->ring_cap - 1);
         ring[k] = s->ring[from];
+        times[k] = s->times[from];
         slot_put(slots, nslots, ring[k]);
     }
     cm_free(s->ring);
+    cm_free(s->times);
     cm_free(s->slots);
     s->ring = ring;
+    s->times = times;
     s->slots = slots;
     s->ring_cap = ring_cap;
     s->nslots = nslots;
     s->tombs = 0;
-    s->count = keep;
-    s->head = keep % ring_cap;
+    s->head = s->count & (ring_cap - 1);
     return 0;
 }
 
-int on_idset_add(on_idset_t *s, int64_t id)
+static void evict_oldest(on_idset_t *s)
+{
+    size_t oldest = (s->head + s->ring_cap - s->count) & (s->ring_cap - 1);
+    slot_del(s, s->ring[oldest]);
+    s->count--;
+    s->tombs++;
+}
+
+int on_idset_add(on_idset_t *s, int64_t id, uint64_t now_ms)
 {
     if (id <= 0)
         return UV_EINVAL;
     if (on_idset_has(s, id))
         return 0;
-    if (s->count == s->ring_cap) {
-        size_t limit = 8;
-        while (limit < s->cap)
-            limit *= 2;
-        if (s->ring_cap < limit) {
-            if (rebuild(s, s->ring_cap ? s->ring_cap * 2 : 8) != 0)
-                return UV_ENOMEM;
+    /* Forget what the window no longer covers. */
+    if (s->window_ms > 0) {
+        while (s->count > 0) {
+            size_t oldest = (s->head + s->ring_cap - s->count) & (s->ring_cap - 1);
+            if (now_ms - s->times[oldest] < s->window_ms || now_ms < s->times[oldest])
+                break;
+            evict_oldest(s);
         }
     }
-    if (s->count == s->ring_cap || s->count >= s->cap) {
-        /* Full: forget the oldest. */
-        size_t oldest = (s->head + s->ring_cap - s->count) % s->ring_cap;
-        slot_del(s, s->ring[oldest]);
-        s->count--;
-        s->tombs++;
-        /* Tombstones slow look-ups down; rebuild once they pile up. */
-        if (s->tombs > s->ring_cap) {
-            if (rebuild(s, s->ring_cap) != 0)
-                return UV_ENOMEM;
-        }
+    if (s->cap > 0 && s->count >= s->cap) {
+        if (s->window_ms > 0)
+            s->forced++;
+        evict_oldest(s);
+    }
+    if (s->count == s->ring_cap) {
+        if (rebuild(s, s->ring_cap ? s->ring_cap * 2 : MIN_RING) != 0)
+            return UV_ENOMEM;
+    } else if (s->tombs > s->ring_cap / 2) {
+        /* Tombstones slow look-ups down; shrink to fit once the window has moved on. */
+        size_t want = s->ring_cap;
+        while (want > MIN_RING && s->count * 4 < want)
+            want /= 2;
+        if (rebuild(s, want) != 0)
+            return UV_ENOMEM;
     }
     s->ring[s->head] = id;
-    s->head = (s->head + 1) % s->ring_cap;
+    s->times[s->head] = now_ms;
+    s->head = (s->head + 1) & (s->ring_cap - 1);
     s->count++;
     slot_put(s->slots, s->nslots, id);
     return 1;
@@ -149,67 +168,76 @@ int on_idlist_has(const int64_t *ids, size_t n, int64_t id)
     return 0;
 }
 
-/* ---- resume ----------------------------------------------------------------------------- */
+/* ---- last event per order ---------------------------------------------------------------- */
 
-void on_resume_start(on_resume_t *r)
+void on_ordermap_init(on_ordermap_t *m, uint64_t window_ms)
 {
-    memset(r, 0, sizeof *r);
-    r->replaying = 1;
-    on_idset_init(&r->sent, 2048);
+    memset(m, 0, sizeof *m);
+    m->window_ms = window_ms;
 }
 
-int on_resume_replayed(on_resume_t *r, int64_t id)
+void on_ordermap_free(on_ordermap_t *m)
 {
-    int rc = on_idset_add(&r->sent, id);
-    return rc;
+    cm_free(m->slots);
+    on_ordermap_init(m, m->window_ms);
 }
 
-int on_resume_live(on_resume_t *r, int64_t id, void *data)
+static on_ordermap_slot_t *ordermap_find(on_ordermap_slot_t *slots, size_t n, int64_t order_id)
 {
-    if (!r->replaying)
-        return 1;
-    if (r->nheld == r->held_cap) {
-        size_t cap = r->held_cap ? r->held_cap * 2 : 16;
-        on_resume_item_t *p = cm_realloc(r->held, cap * sizeof *p);
-        if (!p)
-            return UV_ENOMEM;
-        r->held = p;
-        r->held_cap = cap;
+    size_t mask = n - 1;
+    size_t i = hash_id(order_id, n);
+    while (slots[i].order_id != 0 && slots[i].order_id != order_id)
+        i = (i + 1) & mask;
+    return &slots[i];
+}
+
+/* Rebuilds at `n` slots, keeping the orders seen within the window. */
+static int ordermap_rebuild(on_ordermap_t *m, size_t n, uint64_t now_ms)
+{
+    on_ordermap_slot_t *slots = cm_calloc(n, sizeof *slots);
+    if (!slots)
+        return UV_ENOMEM;
+    size_t count = 0;
+    for (size_t i = 0; i < m->nslots; i++) {
+        on_ordermap_slot_t *o = &m->slots[i];
+        if (o->order_id == 0 || (now_ms >= o->at_ms && now_ms - o->at_ms >= m->window_ms))
+            continue;
+        *ordermap_find(slots, n, o->order_id) = *o;
+        count++;
     }
-    r->held[r->nheld++] = (on_resume_item_t){id, data};
+    cm_free(m->slots);
+    m->slots = slots;
+    m->nslots = n;
+    m->count = count;
     return 0;
 }
 
-static int cmp_item(const void *a, const void *b)
+int on_ordermap_check(on_ordermap_t *m, int64_t order_id, int64_t event_id, uint64_t now_ms)
 {
-    int64_t x = ((const on_resume_item_t *)a)->id, y = ((const on_resume_item_t *)b)->id;
-    return (x > y) - (x < y);
-}
-
-void on_resume_finish(on_resume_t *r, void (*emit)(int64_t id, void *data, int dup, void *ud),
-                      void *ud)
-{
-    r->replaying = 0;
-    if (r->nheld > 1)
-        qsort(r->held, r->nheld, sizeof *r->held, cmp_item);
-    for (size_t i = 0; i < r->nheld; i++) {
-        int dup =
-            on_idset_has(&r->sent, r->held[i].id) || (i > 0 && r->held[i - 1].id == r->held[i].id);
-        emit(r->held[i].id, r->held[i].data, dup, ud);
+    if (order_id <= 0)
+        return 1;
+    if (m->nslots && m->count * 2 >= m->nslots) {
+        /* Full enough: forget what the window no longer covers, grow if that is not enough. */
+        if (ordermap_rebuild(m, m->nslots, now_ms) != 0)
+            return UV_ENOMEM;
+        if (m->count * 4 >= m->nslots && ordermap_rebuild(m, m->nslots * 2, now_ms) != 0)
+            return UV_ENOMEM;
     }
-    cm_free(r->held);
-    r->held = NULL;
-    r->nheld = r->held_cap = 0;
-    on_idset_free(&r->sent);
-}
-
-void on_resume_free(on_resume_t *r, void (*drop)(void *data))
-{
-    for (size_t i = 0; i < r->nheld; i++)
-        if (drop)
-            drop(r->held[i].data);
-    cm_free(r->held);
-    r->held = NULL;
-    r->nheld = r->held_cap = 0;
-    on_idset_free(&r->sent);
+    if (!m->nslots && ordermap_rebuild(m, 64, now_ms) != 0)
+        return UV_ENOMEM;
+    on_ordermap_slot_t *s = ordermap_find(m->slots, m->nslots, order_id);
+    if (s->order_id == order_id) {
+        int fresh = now_ms < s->at_ms || now_ms - s->at_ms < m->window_ms;
+        if (fresh && s->event_id > event_id)
+            return 0;
+        if (event_id > s->event_id || !fresh)
+            s->event_id = event_id;
+        s->at_ms = now_ms;
+        return 1;
+    }
+    s->order_id = order_id;
+    s->event_id = event_id;
+    s->at_ms = now_ms;
+    m->count++;
+    return 1;
 }

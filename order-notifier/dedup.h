@@ -1,10 +1,13 @@
 /*
- * dedup.h: "have I already delivered event N?" for a bounded number of recent ids.
+ * dedup.h: "have I already delivered event N?" for every id seen within a time window.
  *
- * Event ids commit out of order, and catch-up, replay after a reconnect and resume all look
- * back on purpose, so the same event can arrive twice; `id > last` would lose the late
- * committers. A set remembers the last `cap` ids it saw (FIFO eviction) with O(1) look-ups.
- * It starts small and grows to `cap`, because most users see few events.
+ * Event ids commit out of order, and a new leader's catch-up, the replay after a Redis
+ * reconnect and the publisher's re-send of what Redis did not confirm all look back on purpose,
+ * so the same event can arrive twice; `id > last` would lose the late committers. How far back
+ * they look is a time (NOTIFIER_CATCHUP_LOOKBACK_MS), not a number of events, so the set keeps
+ * every id for at least `window_ms` after it was added, however many there are; a burst of
+ * 20,000 events for one user is remembered whole. `cap` only bounds memory against a runaway
+ * (0: no bound); ids evicted by it early are counted in `forced`.
  */
 #ifndef ON_DEDUP_H
 #define ON_DEDUP_H
@@ -14,66 +17,62 @@
 
 typedef struct on_idset {
     int64_t *ring;   /* insertion order, `count` ids ending before `head` */
-    size_t ring_cap; /* current ring size (grows up to cap) */
+    uint64_t *times; /* when each ring entry was added (caller's ms clock) */
+    size_t ring_cap; /* current ring size (a power of two, grows as needed) */
     size_t head;
     size_t count;
-    size_t cap;     /* most ids remembered */
-    int64_t *slots; /* open addressing, 0 = empty, -1 = deleted; size = 2 * ring_cap */
+    size_t cap;         /* most ids remembered, 0: no bound */
+    uint64_t window_ms; /* keep ids at least this long; 0: keep until `cap` pushes them out */
+    int64_t *slots;     /* open addressing, 0 = empty, -1 = deleted; size = 2 * ring_cap */
     size_t nslots;
-    size_t tombs; /* deleted slots since the last rebuild */
+    size_t tombs;    /* deleted slots since the last rebuild */
+    uint64_t forced; /* ids evicted by `cap` while still inside the window */
 } on_idset_t;
 
-/* Prepares an empty set remembering up to `cap` ids (at least 8). No allocation yet. */
-void on_idset_init(on_idset_t *s, size_t cap);
-/* Releases the memory; the set may be initialised again. */
+/* Prepares an empty set (no allocation yet). With window_ms 0 it is a FIFO of `cap` ids (cap
+ * must then be > 0). */
+void on_idset_init(on_idset_t *s, size_t cap, uint64_t window_ms);
+/* Releases the memory; the set may be used again (same cap and window). */
 void on_idset_free(on_idset_t *s);
 /* Non-zero when `id` (> 0) is in the set. */
 int on_idset_has(const on_idset_t *s, int64_t id);
 /*
- * Adds `id` (> 0), evicting the oldest when full. Returns 1 when added, 0 when it was already
- * there (a duplicate), UV_ENOMEM or UV_EINVAL.
+ * Adds `id` (> 0) at time `now_ms`, first forgetting ids older than the window. Returns 1 when
+ * added, 0 when it was already there (a duplicate), UV_ENOMEM or UV_EINVAL.
  */
-int on_idset_add(on_idset_t *s, int64_t id);
+int on_idset_add(on_idset_t *s, int64_t id, uint64_t now_ms);
 /* Number of ids remembered. */
 size_t on_idset_size(const on_idset_t *s);
 
+/*
+ * The last event id delivered per order, for a time window: an order's events go out in id
+ * order (each update of an order takes its id after the previous one committed), so an event
+ * below the last one delivered for its order is either a repeat or older than anything its
+ * receivers are owed, and must not go out after the newer one.
+ */
+typedef struct on_ordermap_slot {
+    int64_t order_id; /* 0: empty */
+    int64_t event_id;
+    uint64_t at_ms;
+} on_ordermap_slot_t;
+
+typedef struct on_ordermap {
+    on_ordermap_slot_t *slots;
+    size_t nslots; /* a power of two, or 0 */
+    size_t count;
+    uint64_t window_ms;
+} on_ordermap_t;
+
+void on_ordermap_init(on_ordermap_t *m, uint64_t window_ms);
+void on_ordermap_free(on_ordermap_t *m);
+/*
+ * Event `event_id` of order `order_id` (> 0) is about to go out at `now_ms`. Returns 1 when it
+ * may (it is now the order's last), 0 when a higher id of the same order went out already
+ * within the window, or UV_ENOMEM (the caller lets it go out).
+ */
+int on_ordermap_check(on_ordermap_t *m, int64_t order_id, int64_t event_id, uint64_t now_ms);
+
 /* Non-zero when `id` is among the `n` ids of `ids`, sorted ascending (binary search). */
 int on_idlist_has(const int64_t *ids, size_t n, int64_t id);
-
-/*
- * Resume of one client (`last_event_id`): the missed events are read from the outbox while
- * live events keep arriving. Live events are held back until the replay has been sent, then
- * released in id order minus those the replay already delivered: no gap, no duplicate.
- */
-typedef struct on_resume_item {
-    int64_t id;
-    void *data; /* the caller's payload, handed back by on_resume_finish */
-} on_resume_item_t;
-
-typedef struct on_resume {
-    int replaying;          /* live events are held while set */
-    on_idset_t sent;        /* ids sent during the replay */
-    on_resume_item_t *held; /* live events held during the replay */
-    size_t nheld, held_cap;
-} on_resume_t;
-
-/* Starts a resume: `replaying` on. */
-void on_resume_start(on_resume_t *r);
-/* A replayed event: returns 1 to send it (first time), 0 for a duplicate, or UV_ENOMEM. */
-int on_resume_replayed(on_resume_t *r, int64_t id);
-/*
- * A live event while replaying: held (returns 0, `data` is kept until on_resume_finish or
- * on_resume_free hands it back); when not replaying returns 1 (send it now). UV_ENOMEM on
- * failure (the caller keeps `data`).
- */
-int on_resume_live(on_resume_t *r, int64_t id, void *data);
-/*
- * Ends the replay: calls `emit(id, data, dup, ud)` for every held event in id order; `dup` is
- * non-zero for those already sent by the replay (or held twice). The callback owns `data`.
- */
-void on_resume_finish(on_resume_t *r, void (*emit)(int64_t id, void *data, int dup, void *ud),
-                      void *ud);
-/* Releases the state; held payloads are handed to `drop` (may be NULL). */
-void on_resume_free(on_resume_t *r, void (*drop)(void *data));
 
 #endif

@@ -1,9 +1,8 @@
-/* memmem() */
-#define _GNU_SOURCE
 #include "jwt.h"
 
 #include "cm/alloc.h"
 #include "cm/buf.h"
+#include "cm/utf8.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -16,9 +15,14 @@
 /* Tokens are small; anything bigger is refused before decoding. */
 #define TOKEN_MAX 4096
 
+static int b64url_encode(cm_buf_t *b, const unsigned char *in, size_t len);
+
 /*
  * base64url (RFC 4648 §5, unpadded) -> bytes. The alphabet is mapped back to standard base64
- * and padded so that OpenSSL's decoder does the decoding. Returns the decoded length or -1.
+ * and padded so that OpenSSL's decoder does the decoding. Only the canonical encoding is
+ * taken (RFC 4648 §3.5): the decoder ignores the unused low bits of the last character, so
+ * without the check one token had up to 16 spellings, which defeats anything that keys on a
+ * token's text. Returns the decoded length or -1.
  */
 static int b64url_decode(const char *in, size_t len, unsigned char *out, size_t out_cap)
 {
@@ -44,7 +48,12 @@ static int b64url_decode(const char *in, size_t len, unsigned char *out, size_t 
     int got = EVP_DecodeBlock(out, (const unsigned char *)tmp, (int)n);
     if (got < 0)
         return -1;
-    return got - (int)pad; /* EVP_DecodeBlock counts the padding as zero bytes */
+    got -= (int)pad; /* EVP_DecodeBlock counts the padding as zero bytes */
+    cm_buf_t again = CM_BUF_INIT;
+    int canonical = b64url_encode(&again, out, (size_t)got) == 0 && again.len == len &&
+                    memcmp(again.data, in, len) == 0;
+    cm_buf_free(&again);
+    return canonical ? got : -1;
 }
 
 /* bytes -> base64url without padding, appended to `b`. */
@@ -68,6 +77,36 @@ static int b64url_encode(cm_buf_t *b, const unsigned char *in, size_t len)
     return 0;
 }
 
+/* Whether JSON text holds a \u0000 escape. A backslash escaped itself does not start one:
+ * "a\\u0000" is the text a\u0000 (a backslash, then "u0000"), not a NUL. Backslashes only
+ * appear inside strings in valid JSON, so no string tracking is needed. */
+static int has_nul_escape(const unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i + 1 < n; i++) {
+        if (p[i] != '\\')
+            continue;
+        if (p[i + 1] == 'u' && n - i >= 6 && memcmp(p + i + 2, "0000", 4) == 0)
+            return 1;
+        i++; /* the escaped character */
+    }
+    return 0;
+}
+
+/* RFC 7515 section 4: a header (and, by RFC 7519 section 4, a claims set) with a repeated
+ * member name must be refused or read by its last member. cJSON would read the first, which
+ * another parser disagrees with (`"alg":"HS256","alg":"none"`): refused. A token is at most
+ * TOKEN_MAX bytes, so the pairwise comparison stays small. */
+static int has_duplicate_names(const cJSON *obj)
+{
+    for (const cJSON *a = obj->child; a; a = a->next) {
+        for (const cJSON *b = a->next; b; b = b->next) {
+            if (strcmp(a->string, b->string) == 0)
+                return 1;
+        }
+    }
+    return 0;
+}
+
 /* Decodes one base64url JSON segment into a cJSON object (caller deletes), or NULL. */
 static cJSON *decode_json(const char *seg, size_t len)
 {
@@ -77,10 +116,17 @@ static cJSON *decode_json(const char *seg, size_t len)
         return NULL;
     /* cJSON hands strings out NUL-terminated: a "\u0000" inside one would silently cut it
      * ("victim\u0000attacker" read as "victim"). No claim of ours needs a NUL: refuse. */
-    if (memmem(raw, (size_t)n, "\\u0000", 6))
+    if (has_nul_escape(raw, (size_t)n))
         return NULL;
-    cJSON *j = cJSON_ParseWithLength((const char *)raw, (size_t)n);
-    if (j && !cJSON_IsObject(j)) {
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithLengthOpts((const char *)raw, (size_t)n, &end, 0);
+    if (!j)
+        return NULL;
+    /* cJSON stops after the first value: `{"sub":"a"}garbage` would pass as `{"sub":"a"}`. */
+    const char *stop = (const char *)raw + n;
+    while (end < stop && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r'))
+        end++;
+    if (end != stop || !cJSON_IsObject(j) || has_duplicate_names(j)) {
         cJSON_Delete(j);
         return NULL;
     }
@@ -144,7 +190,10 @@ int on_jwt_verify(const char *token, size_t len, const void *secret, size_t secr
     if (!hdr)
         return UV_EINVAL;
     const cJSON *alg = cJSON_GetObjectItemCaseSensitive(hdr, "alg");
-    int alg_ok = cJSON_IsString(alg) && strcmp(alg->valuestring, "HS256") == 0;
+    /* RFC 7515 §4.1.11: a `crit` header names extensions the verifier must understand; we
+     * understand none, so such a token is refused. */
+    int alg_ok = cJSON_IsString(alg) && strcmp(alg->valuestring, "HS256") == 0 &&
+                 !cJSON_GetObjectItemCaseSensitive(hdr, "crit");
     cJSON_Delete(hdr);
     if (!alg_ok)
         return UV_EACCES;
@@ -174,6 +223,10 @@ int on_jwt_verify(const char *token, size_t len, const void *secret, size_t secr
         goto done;
     size_t sub_len = strlen(sub->valuestring);
     if (sub_len == 0 || sub_len > ON_JWT_SUB_MAX)
+        goto done;
+    /* cJSON passes raw bytes of a string through: a sub that is not UTF-8 would go out in the
+     * welcome text frame (which RFC 6455 §8.1 requires to be UTF-8) and into the logs. */
+    if (!cm_utf8_valid(sub->valuestring, sub_len))
         goto done;
     for (size_t i = 0; i < sub_len; i++) {
         unsigned char c = (unsigned char)sub->valuestring[i];

@@ -26,6 +26,7 @@ typedef struct on_jwt_claims {
 /*
  * Validates `token` (`len` bytes, borrowed) against the HS256 key `secret` (`secret_len`
  * bytes, borrowed) at time `now` (Unix seconds) and fills `*out`.
+ * `sub` must be 1 to ON_JWT_SUB_MAX bytes of well-formed UTF-8 without spaces or controls.
  * Returns 0; UV_EINVAL for a malformed token or a missing/invalid `sub` or `exp`; UV_EACCES
  * for a wrong algorithm or signature; UV_ETIMEDOUT when expired (now >= exp) or not yet valid.
  */

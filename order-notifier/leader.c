@@ -1,97 +1,184 @@
+/*
+ * leader.c: the leader's ordered publish pipeline (leader.h): notifications and the catch-up
+ * merged in id order, rows read for id-only notifications, PUBLISH on one Redis link with
+ * resends after a link failure. Whether this replica leads is election.c's business; it calls
+ * in through lead, unlead and tick, and this file only calls it.
+ */
 #include "leader.h"
 
 #include "dedup.h"
+#include "election.h"
 #include "event.h"
+#include "gate.h"
+#include "outbox.h"
 
 #include "cm/alloc.h"
 #include "cm/buf.h"
+#include "cm/error.h"
 #include "cm/log.h"
 
 #include <inttypes.h>
-#include <libpq-fe.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
-/* Published ids remembered to skip them during catch-up. */
-#define PUBLISHED_CAP 65536
-/* Failed publishes kept for the next Redis connect. */
-#define RETRY_MAX 100000
-/* Rows per catch-up page. */
-#define CATCHUP_PAGE 1000
-#define QUERY_TIMEOUT_MS 5000
+/* Publishes waiting for Redis (queued or to be sent again) beyond which the oldest are dropped:
+ * they are still in the outbox, where a replica's replay or a client's resume finds them. */
+#define QUEUE_MAX 400000
+/* Published ids are remembered this much longer than the look-back of a catch-up. */
+#define PUBLISHED_MARGIN_MS 15000
+/* Hard bound of that memory (ids): far above what a look-back window holds in practice. */
+#define PUBLISHED_CAP (8u << 20)
+#define RETRY_MS 200
 #define ALL_CHANNEL "orders:all"
 
-/* Every query that selects `id::text` must ORDER BY order_events.id: a bare `ORDER BY id`
- * names the text output column and sorts "10" before "9" (a LIMIT page then skips rows). */
-#define EVENT_COLUMNS                                                                              \
-    "SELECT id::text, user_id, event_type, payload::text, extract(epoch FROM created_at)::text "   \
-    "FROM order_events "
+/* One event's Redis message, shared by its two PUBLISHes. */
+typedef struct msg {
+    int refs;
+    size_t len;
+    char data[];
+} msg_t;
 
-typedef enum { ST_DOWN = 0, ST_LOCKING, ST_STANDBY, ST_LEADING } state_t;
-
+/* One PUBLISH, from built to confirmed by Redis. */
 typedef struct pub pub_t;
 struct pub {
     pub_t *next;
     on_leader_t *l;
+    msg_t *msg;
     int is_all; /* the all-users copy: not counted as a published event */
-    size_t chan_len, msg_len;
-    char *chan; /* points into data */
-    char *msg;
-    char data[];
+    size_t chan_len;
+    char chan[];
+};
+
+typedef struct {
+    pub_t *head, *tail;
+    size_t n;
+} pub_list_t;
+
+/* An event in the publish pipeline, in the order Postgres delivered its notification. */
+typedef struct item item_t;
+struct item {
+    item_t *next;
+    int64_t id;
+    int have; /* ev is filled; 0: the notification carried only the id, the row must be read */
+    on_event_t ev;
 };
 
 struct on_leader {
     on_app_t *app;
-    uv_timer_t timer; /* lock retry (standby) or liveness (leader) */
-    state_t state;
-    int listen_up;
-    int op_inflight;      /* a lock or liveness statement on the LISTEN session */
-    unsigned catchup_gen; /* bumps on every leadership change: stale pages are dropped */
-    int catchup_needed;   /* a catch-up is still to finish for this leadership */
-    int catchups;         /* catch-up and fetch queries in flight (they borrow `l`) */
+    on_election_t election; /* which replica publishes: it calls lead and unlead */
+    uv_timer_t retry_timer; /* catch-up or row read to try again */
+
+    /* The pipeline: items are published strictly in order; a head that needs its row read
+     * holds the ones behind it until it is published. */
+    item_t *items_head, *items_tail;
+    on_gate_t gate;            /* live items held while the catch-up is merged in */
+    on_outbox_read_t *catchup; /* catch-up in flight */
+    on_outbox_read_t *fetch;   /* read of the head item's row in flight */
+    int catchup_needed;        /* leadership started and its catch-up has not finished */
+    unsigned gen;              /* bumps on every leadership change: stale reads are dropped */
+    int reads;                 /* outbox reads in flight (they borrow `l`) */
     on_idset_t published;
-    pub_t *retry_head, *retry_tail;
-    size_t nretry;
-    size_t inflight_pubs;
+
+    /* Redis: sent in order on one link, so replies (and failures) come back in order. */
+    pub_list_t outq;     /* built, not sent yet */
+    pub_list_t inflight; /* sent, not confirmed */
+    pub_list_t failed;   /* sent, the link failed before a reply: sent again first */
+    uint64_t dropped;
+
     int stopping;
-    int unlock_pending;
-    int timer_closed;
+    int election_stopped; /* its `stopped` fired: its part of the stop is done */
+    int handles_open;
     void (*done)(void *ud);
     void *done_ud;
-    char lock_key[24];
 };
-
-static void schedule(on_leader_t *l, uint64_t ms);
-static void try_lock(on_leader_t *l);
-static void start_catchup(on_leader_t *l, int64_t after, unsigned gen);
-static void maybe_finish(on_leader_t *l);
 
 typedef struct {
     on_leader_t *l;
     unsigned gen;
-} catchup_t;
+} read_ctx_t;
 
-/* ---- publishing --------------------------------------------------------------------------- */
+static void maybe_finish(on_leader_t *l);
+static void pump(on_leader_t *l);
+static void start_catchup(on_leader_t *l);
 
-static void retry_push(on_leader_t *l, pub_t *p)
+/* ---- Redis stage ------------------------------------------------------------------------ */
+
+static void list_push(pub_list_t *q, pub_t *p)
 {
-    if (l->nretry >= RETRY_MAX) {
-        /* Still in the outbox: a replica's replay or a client's resume finds it. */
-        pub_t *old = l->retry_head;
-        l->retry_head = old->next;
-        if (!l->retry_head)
-            l->retry_tail = NULL;
-        l->nretry--;
-        cm_free(old);
-    }
     p->next = NULL;
-    if (l->retry_tail)
-        l->retry_tail->next = p;
+    if (q->tail)
+        q->tail->next = p;
     else
-        l->retry_head = p;
-    l->retry_tail = p;
-    l->nretry++;
+        q->head = p;
+    q->tail = p;
+    q->n++;
+}
+
+static pub_t *list_pop(pub_list_t *q)
+{
+    pub_t *p = q->head;
+    if (p) {
+        q->head = p->next;
+        if (!q->head)
+            q->tail = NULL;
+        q->n--;
+        p->next = NULL;
+    }
+    return p;
+}
+
+/* Puts `front` before `q`, emptying `front`. */
+static void list_prepend(pub_list_t *q, pub_list_t *front)
+{
+    if (!front->head)
+        return;
+    front->tail->next = q->head;
+    if (!q->tail)
+        q->tail = front->tail;
+    q->head = front->head;
+    q->n += front->n;
+    front->head = front->tail = NULL;
+    front->n = 0;
+}
+
+static void msg_unref(msg_t *m)
+{
+    if (m && --m->refs == 0)
+        cm_free(m);
+}
+
+static void pub_free(pub_t *p)
+{
+    msg_unref(p->msg);
+    cm_free(p);
+}
+
+static void list_clear(pub_list_t *q)
+{
+    pub_t *p;
+    while ((p = list_pop(q)) != NULL)
+        pub_free(p);
+}
+
+static void publish_done(cm_redis_t *r, struct redisReply *reply, int status, void *ud);
+
+/* Sends what is queued while the link is up. hiredis writes the whole batch on the next loop
+ * turn, so a burst goes out as one pipeline. No deadline of its own: behind a deep pipeline a
+ * PUBLISH waits its turn, and only a lost or stalled link fails it (then it is sent again). */
+static void flush_outq(on_leader_t *l)
+{
+    static const cm_redis_cmd_opts_t no_deadline = {.timeout_ms = 0};
+    pub_t *p;
+    while (l->outq.head && cm_redis_is_up(l->app->redis_pub)) {
+        p = l->outq.head;
+        const char *argv[3] = {"PUBLISH", p->chan, p->msg->data};
+        size_t lens[3] = {7, p->chan_len, p->msg->len};
+        if (cm_redis_command_argv_opts(l->app->redis_pub, &no_deadline, publish_done, p, 3, argv,
+                                       lens) != 0)
+            return; /* down after all: on_leader_redis_up sends it */
+        list_pop(&l->outq);
+        list_push(&l->inflight, p);
+    }
 }
 
 static void publish_done(cm_redis_t *r, struct redisReply *reply, int status, void *ud)
@@ -100,380 +187,421 @@ static void publish_done(cm_redis_t *r, struct redisReply *reply, int status, vo
     (void)reply;
     pub_t *p = ud;
     on_leader_t *l = p->l;
-    l->inflight_pubs--;
-    if (status == CM_REDIS_OK && !l->stopping) {
+    /* Replies come in the order the commands went out. */
+    if (l->inflight.head == p)
+        list_pop(&l->inflight);
+    if (status == CM_REDIS_OK) {
         if (!p->is_all)
             cm_counter_inc(l->app->m.events_published);
-        cm_free(p);
-    } else if (!l->stopping) {
-        retry_push(l, p);
+        pub_free(p);
+    } else if (l->stopping || !on_election_is_leader(&l->election)) {
+        pub_free(p);
     } else {
-        cm_free(p);
+        /* Not confirmed: Redis may or may not have delivered it; receivers drop a repeat. */
+        list_push(&l->failed, p);
     }
     maybe_finish(l);
 }
 
-static void send_pub(on_leader_t *l, pub_t *p)
+/* Keeps the queue bounded while Redis is away. */
+static void trim_queue(on_leader_t *l)
 {
-    const char *argv[3] = {"PUBLISH", p->chan, p->msg};
-    size_t lens[3] = {7, p->chan_len, p->msg_len};
-    if (cm_redis_command_argv(l->app->redis_pub, publish_done, p, 3, argv, lens) == 0) {
-        l->inflight_pubs++;
-        return;
+    while (l->outq.n + l->failed.n > QUEUE_MAX) {
+        pub_t *p = l->failed.head ? list_pop(&l->failed) : list_pop(&l->outq);
+        if (!p)
+            break;
+        if (l->dropped++ % 10000 == 0)
+            cm_log_error("publish queue full while Redis is away: dropping the oldest (they stay "
+                         "in the outbox)",
+                         NULL);
+        pub_free(p);
     }
-    retry_push(l, p);
 }
 
-static pub_t *pub_new(on_leader_t *l, const char *chan, size_t chan_len, const char *msg,
-                      size_t msg_len)
+static pub_t *pub_new(on_leader_t *l, msg_t *m, const char *chan, size_t chan_len, int is_all)
 {
-    pub_t *p = cm_malloc(sizeof *p + chan_len + msg_len + 2);
+    pub_t *p = cm_malloc(sizeof *p + chan_len + 1);
     if (!p)
         return NULL;
     p->next = NULL;
     p->l = l;
-    p->is_all = 0;
-    p->chan = p->data;
+    p->msg = m;
+    m->refs++;
+    p->is_all = is_all;
     p->chan_len = chan_len;
     memcpy(p->chan, chan, chan_len);
     p->chan[chan_len] = '\0';
-    p->msg = p->data + chan_len + 1;
-    p->msg_len = msg_len;
-    memcpy(p->msg, msg, msg_len);
-    p->msg[msg_len] = '\0';
     return p;
 }
 
-/* Publishes `ev` to its user's channel and to the all-users channel, once per leadership. */
+/* Queues `ev` for its user's channel and the all-users channel, once per id. */
 static void publish_event(on_leader_t *l, const on_event_t *ev)
 {
-    int added = on_idset_add(&l->published, ev->id);
+    int added = on_idset_add(&l->published, ev->id, uv_now(l->app->loop));
     if (added == 0)
-        return; /* published already (catch-up overlapping NOTIFY) */
-    cm_buf_t msg = CM_BUF_INIT, chan = CM_BUF_INIT;
-    if (on_event_message(ev, &msg) != 0 || on_event_channel(ev->user_id, &chan) != 0) {
+        return; /* published already (the catch-up and a notification overlapping) */
+    cm_buf_t body = CM_BUF_INIT, chan = CM_BUF_INIT;
+    msg_t *m = NULL;
+    if (on_event_envelope(ev, &body) != 0 || on_event_channel(ev->user_id, &chan) != 0 ||
+        !(m = cm_malloc(sizeof *m + body.len + 1))) {
         cm_log_error("cannot build the event message", "error", "out of memory", NULL);
         goto done;
     }
-    pub_t *a = pub_new(l, chan.data, chan.len, msg.data, msg.len);
-    pub_t *b = pub_new(l, ALL_CHANNEL, strlen(ALL_CHANNEL), msg.data, msg.len);
-    if (b)
-        b->is_all = 1;
+    m->refs = 1;
+    m->len = body.len;
+    memcpy(m->data, body.data, body.len);
+    m->data[body.len] = '\0';
+    pub_t *a = pub_new(l, m, chan.data, chan.len, 0);
+    pub_t *b = pub_new(l, m, ALL_CHANNEL, strlen(ALL_CHANNEL), 1);
     if (a)
-        send_pub(l, a);
+        list_push(&l->outq, a);
     if (b)
-        send_pub(l, b);
+        list_push(&l->outq, b);
     if (!a || !b)
         cm_log_error("cannot queue a publish", "error", "out of memory", NULL);
 done:
-    cm_buf_free(&msg);
+    msg_unref(m);
+    cm_buf_free(&body);
     cm_buf_free(&chan);
 }
 
 void on_leader_redis_up(on_leader_t *l)
 {
-    if (l->stopping || !l->retry_head)
+    if (l->stopping)
         return;
-    pub_t *p = l->retry_head;
-    size_t n = l->nretry;
-    l->retry_head = l->retry_tail = NULL;
-    l->nretry = 0;
-    char count[24];
-    snprintf(count, sizeof count, "%zu", n);
-    cm_log_info("redis back: publishing held events again", "count", count, NULL);
-    while (p) {
-        pub_t *next = p->next;
-        send_pub(l, p);
-        p = next;
+    if (l->failed.n > 0) {
+        char count[24];
+        snprintf(count, sizeof count, "%zu", l->failed.n);
+        cm_log_info("redis back: publishing unconfirmed events again", "count", count, NULL);
     }
+    list_prepend(&l->outq, &l->failed);
+    flush_outq(l);
 }
 
-/* ---- rows of order_events ----------------------------------------------------------------- */
+/* ---- the pipeline ----------------------------------------------------------------------- */
 
-/* Publishes the rows of an EVENT_COLUMNS result; returns the largest id seen (0 when none). */
-static int64_t publish_rows(on_leader_t *l, const PGresult *res, int count_received)
+static item_t *item_new(int64_t id)
 {
-    int64_t last = 0;
-    int n = PQntuples(res);
-    for (int i = 0; i < n; i++) {
-        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-        if (id > last)
-            last = id;
-        if (on_idset_has(&l->published, id))
-            continue;
-        on_event_t ev;
-        if (on_event_from_row(id, PQgetvalue(res, i, 1), PQgetvalue(res, i, 2),
-                              PQgetvalue(res, i, 3),
-                              PQgetisnull(res, i, 4) ? NULL : PQgetvalue(res, i, 4), &ev) != 0) {
-            cm_log_warn("skipping an unreadable order_events row", "id", PQgetvalue(res, i, 0),
-                        NULL);
-            continue;
-        }
-        if (count_received)
-            cm_counter_inc(l->app->m.events_received);
-        publish_event(l, &ev);
-        on_event_clear(&ev);
-    }
-    return last;
+    item_t *it = cm_calloc(1, sizeof *it);
+    if (it)
+        it->id = id;
+    return it;
 }
 
-static void catchup_done(cm_pg_t *pg, const PGresult *res, const char *error, void *ud)
+static void item_free(item_t *it)
 {
-    (void)pg;
-    catchup_t *c = ud;
+    on_event_clear(&it->ev);
+    cm_free(it);
+}
+
+static void item_drop(void *data)
+{
+    item_free(data);
+}
+
+static void items_push(on_leader_t *l, item_t *it)
+{
+    it->next = NULL;
+    if (l->items_tail)
+        l->items_tail->next = it;
+    else
+        l->items_head = it;
+    l->items_tail = it;
+}
+
+static void items_clear(on_leader_t *l)
+{
+    item_t *it = l->items_head;
+    while (it) {
+        item_t *next = it->next;
+        item_free(it);
+        it = next;
+    }
+    l->items_head = l->items_tail = NULL;
+}
+
+static void fetch_row(on_event_t *ev, void *ud)
+{
+    read_ctx_t *c = ud;
+    on_leader_t *l = c->l;
+    item_t *it = l->items_head;
+    if (c->gen == l->gen && it && !it->have && it->id == ev->id) {
+        it->ev = *ev;
+        it->have = 1;
+        memset(ev, 0, sizeof *ev);
+        return;
+    }
+    on_event_clear(ev);
+}
+
+static void retry_later(uv_timer_t *t);
+
+static void fetch_done(int status, int truncated, void *ud)
+{
+    (void)truncated;
+    read_ctx_t *c = ud;
     on_leader_t *l = c->l;
     unsigned gen = c->gen;
     cm_free(c);
-    l->catchups--;
-    if (l->stopping || gen != l->catchup_gen || l->state != ST_LEADING) {
+    l->reads--;
+    l->fetch = NULL;
+    if (l->stopping || gen != l->gen) {
         maybe_finish(l);
         return;
     }
-    if (error) {
-        /* The pool may be reconnecting: the next liveness tick starts over (the published
-         * set skips what went out already), the LISTEN side keeps going meanwhile. */
-        cm_log_warn("catch-up query failed, retrying", "error", error, NULL);
+    item_t *it = l->items_head;
+    if (status != 0) {
+        /* The events behind it wait: publishing them first would reorder an order. */
+        uv_timer_start(&l->retry_timer, retry_later, RETRY_MS, 0);
         return;
     }
-    int64_t last = publish_rows(l, res, 1);
-    if (PQntuples(res) == CATCHUP_PAGE)
-        start_catchup(l, last, gen);
-    else {
-        l->catchup_needed = 0;
-        char n[24];
-        snprintf(n, sizeof n, "%d", PQntuples(res));
-        cm_log_debug("catch-up finished", "last_page_rows", n, NULL);
+    if (it && !it->have) {
+        char id[24];
+        snprintf(id, sizeof id, "%" PRId64, it->id);
+        cm_log_warn("a notified event is not in the outbox; skipping it", "id", id, NULL);
+        l->items_head = it->next;
+        if (!l->items_head)
+            l->items_tail = NULL;
+        item_free(it);
     }
+    pump(l);
 }
 
-/* One page of catch-up: events of the look-back window with id above `after`. */
-static void start_catchup(on_leader_t *l, int64_t after, unsigned gen)
+static void start_fetch(on_leader_t *l, int64_t id)
 {
-    catchup_t *c = cm_malloc(sizeof *c);
+    read_ctx_t *c = cm_malloc(sizeof *c);
     if (!c) {
-        cm_log_error("catch-up skipped", "error", "out of memory", NULL);
+        uv_timer_start(&l->retry_timer, retry_later, RETRY_MS, 0);
         return;
     }
-    c->l = l;
-    c->gen = gen;
-    char secs[32], after_s[24], limit[16];
-    snprintf(secs, sizeof secs, "%.3f", (double)l->app->cfg.lookback_ms / 1000.0);
-    snprintf(after_s, sizeof after_s, "%" PRId64, after);
-    snprintf(limit, sizeof limit, "%d", CATCHUP_PAGE);
-    const char *params[3] = {secs, after_s, limit};
-    int rc = cm_pg_query(l->app->pg,
-                         EVENT_COLUMNS
-                         "WHERE created_at >= now() - make_interval(secs => "
-                         "$1::float8) AND id > $2::bigint ORDER BY order_events.id LIMIT $3::int",
-                         3, params, QUERY_TIMEOUT_MS, catchup_done, c);
-    if (rc != 0) {
-        cm_free(c); /* no pool connection yet: the next liveness tick retries */
+    *c = (read_ctx_t){l, l->gen};
+    on_outbox_query_t q = {.after_id = id - 1, .upto_id = id};
+    if (on_outbox_read(l->app->pg, &q, fetch_row, fetch_done, c, &l->fetch) != 0) {
+        cm_free(c);
+        uv_timer_start(&l->retry_timer, retry_later, RETRY_MS, 0);
         return;
     }
-    l->catchups++;
+    l->reads++;
 }
 
-static void fetch_done(cm_pg_t *pg, const PGresult *res, const char *error, void *ud)
+/* Publishes from the head of the pipeline until it is empty or its head needs its row. */
+static void pump(on_leader_t *l)
 {
-    (void)pg;
-    on_leader_t *l = ud;
-    l->catchups--;
-    if (!l->stopping) {
-        if (error)
-            cm_log_warn("cannot read an event too big for NOTIFY (catch-up will retry)", "error",
-                        error, NULL);
-        else
-            publish_rows(l, res, 0);
+    if (l->stopping || !on_election_is_leader(&l->election))
+        return;
+    item_t *it;
+    while ((it = l->items_head) != NULL) {
+        if (!it->have) {
+            if (!l->fetch && !uv_is_active((uv_handle_t *)&l->retry_timer))
+                start_fetch(l, it->id);
+            break;
+        }
+        l->items_head = it->next;
+        if (!l->items_head)
+            l->items_tail = NULL;
+        publish_event(l, &it->ev);
+        item_free(it);
     }
-    maybe_finish(l);
+    trim_queue(l);
+    flush_outq(l);
+}
+
+static void gate_emit(int64_t id, void *data, void *ud)
+{
+    (void)id;
+    items_push(ud, data);
+}
+
+static void catchup_row(on_event_t *ev, void *ud)
+{
+    read_ctx_t *c = ud;
+    on_leader_t *l = c->l;
+    if (c->gen != l->gen || l->stopping) {
+        on_event_clear(ev);
+        return;
+    }
+    /* Held notifications with a lower id go first: the merged stream stays in id order. */
+    on_gate_row(&l->gate, ev->id, gate_emit, item_drop, l);
+    if (on_idset_has(&l->published, ev->id)) {
+        on_event_clear(ev);
+        return;
+    }
+    item_t *it = item_new(ev->id);
+    if (!it) {
+        on_event_clear(ev);
+        return;
+    }
+    cm_counter_inc(l->app->m.events_received);
+    it->ev = *ev;
+    it->have = 1;
+    memset(ev, 0, sizeof *ev);
+    items_push(l, it);
+    pump(l);
+}
+
+static void catchup_done(int status, int truncated, void *ud)
+{
+    (void)truncated;
+    read_ctx_t *c = ud;
+    on_leader_t *l = c->l;
+    unsigned gen = c->gen;
+    cm_free(c);
+    l->reads--;
+    l->catchup = NULL;
+    if (l->stopping || gen != l->gen || !on_election_is_leader(&l->election)) {
+        maybe_finish(l);
+        return;
+    }
+    if (status != 0) {
+        /* Keep holding: what was merged is published, the rest comes with the next try. */
+        cm_log_warn("catch-up failed, retrying", "error", cm_strerror(status), NULL);
+        uv_timer_start(&l->retry_timer, retry_later, RETRY_MS, 0);
+        return;
+    }
+    l->catchup_needed = 0;
+    on_gate_release(&l->gate, gate_emit, item_drop, l);
+    cm_log_debug("catch-up finished", NULL);
+    pump(l);
+}
+
+/* Reads the look-back window of the outbox while the notifications that arrive meanwhile are
+ * held, so that what the previous leader did not publish goes out before anything newer. */
+static void start_catchup(on_leader_t *l)
+{
+    if (l->catchup)
+        return;
+    on_gate_hold(&l->gate);
+    read_ctx_t *c = cm_malloc(sizeof *c);
+    if (!c) {
+        uv_timer_start(&l->retry_timer, retry_later, RETRY_MS, 0);
+        return;
+    }
+    *c = (read_ctx_t){l, l->gen};
+    on_outbox_query_t q = {.since = on_now() - (double)l->app->cfg.lookback_ms / 1000.0};
+    if (on_outbox_read(l->app->pg, &q, catchup_row, catchup_done, c, &l->catchup) != 0) {
+        cm_free(c);
+        uv_timer_start(&l->retry_timer, retry_later, RETRY_MS, 0);
+        return;
+    }
+    l->reads++;
+}
+
+static void retry_later(uv_timer_t *t)
+{
+    on_leader_t *l = t->data;
+    if (l->stopping || !on_election_is_leader(&l->election))
+        return;
+    if (l->catchup_needed)
+        start_catchup(l);
+    pump(l);
+}
+
+/* Leadership is over: nothing more goes out from here (a new leader catches up). */
+static void drop_pipeline(on_leader_t *l)
+{
+    l->gen++;
+    on_outbox_cancel(l->catchup);
+    on_outbox_cancel(l->fetch);
+    uv_timer_stop(&l->retry_timer);
+    items_clear(l);
+    on_gate_free(&l->gate, item_drop);
+    list_clear(&l->outq);
+    list_clear(&l->failed);
+    l->catchup_needed = 0;
+    on_idset_free(&l->published);
 }
 
 /* ---- NOTIFY ------------------------------------------------------------------------------- */
 
 void on_leader_notify(on_leader_t *l, const char *channel, const char *payload)
 {
-    (void)channel;
-    if (l->stopping || l->state != ST_LEADING)
+    if (l->stopping || !on_election_is_leader(&l->election))
         return;
     cm_counter_inc(l->app->m.events_received);
     on_event_t ev;
     int rc = on_event_parse(payload, strlen(payload), &ev);
-    if (rc == 0) {
-        publish_event(l, &ev);
+    if (rc != 0 && rc != UV_EAGAIN) {
+        cm_log_warn("ignoring a malformed notification", "channel", channel, NULL);
+        return;
+    }
+    item_t *it = item_new(ev.id);
+    if (!it) {
         on_event_clear(&ev);
+        cm_log_error("cannot queue an event (it stays in the outbox)", "error", "out of memory",
+                     NULL);
         return;
     }
-    if (rc == UV_EAGAIN) {
-        /* Over 8000 bytes: the trigger sent the id only, the row is the truth. */
-        if (on_idset_has(&l->published, ev.id))
-            return;
-        char id[24];
-        snprintf(id, sizeof id, "%" PRId64, ev.id);
-        const char *params[1] = {id};
-        if (cm_pg_query(l->app->pg, EVENT_COLUMNS "WHERE id = $1::bigint", 1, params,
-                        QUERY_TIMEOUT_MS, fetch_done, l) == 0)
-            l->catchups++;
-        else
-            cm_log_warn("cannot read an event too big for NOTIFY", "id", id, NULL);
+    /* UV_EAGAIN: over 8000 bytes, the trigger sent the id only; the row is the truth. */
+    it->have = rc == 0;
+    it->ev = ev;
+    int g = on_gate_live(&l->gate, it->id, it);
+    if (g == 0)
+        return;
+    if (g == ON_GATE_DUP) {
+        item_free(it); /* merged from the catch-up already */
         return;
     }
-    cm_log_warn("ignoring a malformed notification", "channel", channel, NULL);
+    /* g == 1, or no memory to hold it: better out of order than lost. */
+    items_push(l, it);
+    pump(l);
 }
 
-/* ---- election ----------------------------------------------------------------------------- */
+/* ---- what the election tells ------------------------------------------------------------ */
 
-static void set_state(on_leader_t *l, state_t st)
+/* Leadership (re)starts: a new term, which begins by catching up on the look-back window. */
+static void on_lead(void *ud)
 {
-    if (l->state == ST_LEADING && st != ST_LEADING && !l->stopping)
-        cm_log_warn("leadership lost: the LISTEN session ended", NULL);
-    l->state = st;
-    cm_gauge_set(l->app->m.leader, st == ST_LEADING ? 1 : 0);
-}
-
-static void listen_done(cm_pg_t *pg, const PGresult *res, const char *error, void *ud)
-{
-    (void)pg;
-    (void)res;
     on_leader_t *l = ud;
-    l->op_inflight = 0;
-    if (l->stopping) {
-        maybe_finish(l);
-        return;
-    }
-    if (error) {
-        cm_log_error("LISTEN failed; resetting the session", "error", error, NULL);
-        if (l->listen_up)
-            cm_pg_listen_reset(l->app->pg);
-        return;
-    }
-    set_state(l, ST_LEADING);
-    cm_log_info("leader: listening", "channel", l->app->cfg.pg_channel, NULL);
-    l->catchup_gen++;
+    l->gen++;
     l->catchup_needed = 1;
-    start_catchup(l, 0, l->catchup_gen);
-    schedule(l, (uint64_t)l->app->cfg.liveness_ms);
+    start_catchup(l);
 }
 
-static void lock_done(cm_pg_t *pg, const PGresult *res, const char *error, void *ud)
+static void on_unlead(void *ud)
 {
-    (void)pg;
+    drop_pipeline(ud);
+}
+
+/* A catch-up that could not even start gets another chance at each liveness check. */
+static void on_tick(void *ud)
+{
     on_leader_t *l = ud;
-    l->op_inflight = 0;
-    if (l->stopping) {
-        maybe_finish(l);
-        return;
-    }
-    if (error || !l->listen_up) {
-        if (error)
-            cm_log_warn("advisory lock query failed", "error", error, NULL);
-        if (l->listen_up) {
-            set_state(l, ST_STANDBY);
-            schedule(l, (uint64_t)l->app->cfg.lock_retry_ms);
-        }
-        return;
-    }
-    int got = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
-    if (!got) {
-        if (l->state != ST_STANDBY)
-            cm_log_info("standing by: another replica holds the leader lock", NULL);
-        set_state(l, ST_STANDBY);
-        schedule(l, (uint64_t)l->app->cfg.lock_retry_ms);
-        return;
-    }
-    /* Quoted: PG_CHANNEL was validated as a plain identifier, quoting keeps its case. */
-    char sql[96];
-    snprintf(sql, sizeof sql, "LISTEN \"%s\"", l->app->cfg.pg_channel);
-    if (cm_pg_listen_query(l->app->pg, sql, 0, NULL, QUERY_TIMEOUT_MS, listen_done, l) == 0)
-        l->op_inflight = 1;
-    else
-        schedule(l, (uint64_t)l->app->cfg.lock_retry_ms);
-    /* The lock is ours from here on, LISTEN or not: leadership is marked once LISTEN is in. */
-    l->state = ST_LOCKING;
+    if (l->catchup_needed && !l->catchup)
+        start_catchup(l);
 }
 
-static void try_lock(on_leader_t *l)
+static void on_election_stopped(void *ud)
 {
-    if (l->op_inflight || !l->listen_up || l->stopping)
-        return;
-    const char *params[1] = {l->lock_key};
-    if (cm_pg_listen_query(l->app->pg, "SELECT pg_try_advisory_lock($1::bigint)", 1, params,
-                           QUERY_TIMEOUT_MS, lock_done, l) == 0) {
-        l->op_inflight = 1;
-        if (l->state == ST_DOWN)
-            l->state = ST_LOCKING;
-    } else {
-        schedule(l, (uint64_t)l->app->cfg.lock_retry_ms);
-    }
-}
-
-static void liveness_done(cm_pg_t *pg, const PGresult *res, const char *error, void *ud)
-{
-    (void)pg;
-    (void)res;
     on_leader_t *l = ud;
-    l->op_inflight = 0;
-    if (l->stopping) {
-        maybe_finish(l);
-        return;
-    }
-    if (error) {
-        /* A quiet LISTEN connection is not trusted: reset, reconnect, catch up. */
-        cm_log_warn("LISTEN session failed its liveness check; reconnecting", "error", error, NULL);
-        if (l->listen_up)
-            cm_pg_listen_reset(l->app->pg);
-        return;
-    }
-    schedule(l, (uint64_t)l->app->cfg.liveness_ms);
-}
-
-static void on_timer(uv_timer_t *t)
-{
-    on_leader_t *l = t->data;
-    if (l->stopping || !l->listen_up || l->op_inflight)
-        return;
-    if (l->state == ST_LEADING) {
-        if (l->catchup_needed && l->catchups == 0)
-            start_catchup(l, 0, ++l->catchup_gen);
-        uint64_t timeout = (uint64_t)l->app->cfg.liveness_ms;
-        if (cm_pg_listen_query(l->app->pg, "SELECT 1", 0, NULL, timeout, liveness_done, l) == 0)
-            l->op_inflight = 1;
-        else
-            schedule(l, timeout);
-    } else {
-        try_lock(l);
-    }
-}
-
-static void schedule(on_leader_t *l, uint64_t ms)
-{
-    if (!l->stopping)
-        uv_timer_start(&l->timer, on_timer, ms, 0);
+    l->election_stopped = 1;
+    maybe_finish(l);
 }
 
 void on_leader_listen_state(on_leader_t *l, int up)
 {
     if (l->stopping)
         return;
-    l->listen_up = up;
-    cm_gauge_set(l->app->m.pg_listener_up, up ? 1 : 0);
-    if (!up) {
-        /* The session (and the lock with it) is gone; pending statements fail by themselves. */
-        uv_timer_stop(&l->timer);
-        set_state(l, ST_DOWN);
-        l->catchup_gen++;
-        return;
-    }
-    try_lock(l);
+    on_election_listen_state(&l->election, up);
+}
+
+int on_leader_probe_notify(on_leader_t *l, const char *channel, const char *payload, int be_pid)
+{
+    return on_election_probe_notify(&l->election, channel, payload, be_pid);
+}
+
+const char *on_leader_refusal(const on_leader_t *l)
+{
+    return l ? on_election_refusal(&l->election) : NULL;
 }
 
 int on_leader_is_leader(const on_leader_t *l)
 {
-    return l->state == ST_LEADING;
+    return on_election_is_leader(&l->election);
 }
 
 int on_leader_listen_up(const on_leader_t *l)
 {
-    return l->listen_up;
+    return on_election_listen_up(&l->election);
 }
 
 int on_leader_new(on_app_t *app, on_leader_t **out)
@@ -482,12 +610,14 @@ int on_leader_new(on_app_t *app, on_leader_t **out)
     if (!l)
         return UV_ENOMEM;
     l->app = app;
-    on_idset_init(&l->published, PUBLISHED_CAP);
-    snprintf(l->lock_key, sizeof l->lock_key, "%ld", app->cfg.lock_key);
-    uv_timer_init(app->loop, &l->timer);
-    l->timer.data = l;
-    cm_gauge_set(app->m.leader, 0);
-    cm_gauge_set(app->m.pg_listener_up, 0);
+    on_idset_init(&l->published, PUBLISHED_CAP,
+                  (uint64_t)app->cfg.lookback_ms + PUBLISHED_MARGIN_MS);
+    on_gate_init(&l->gate);
+    const on_election_cbs_t cbs = {on_lead, on_unlead, on_tick, on_election_stopped, l};
+    on_election_init(&l->election, app, &cbs);
+    uv_timer_init(app->loop, &l->retry_timer);
+    l->retry_timer.data = l;
+    l->handles_open = 1;
     *out = l;
     return 0;
 }
@@ -496,13 +626,8 @@ int on_leader_new(on_app_t *app, on_leader_t **out)
 
 static void free_leader(on_leader_t *l)
 {
-    pub_t *p = l->retry_head;
-    while (p) {
-        pub_t *next = p->next;
-        cm_free(p);
-        p = next;
-    }
-    on_idset_free(&l->published);
+    drop_pipeline(l);
+    list_clear(&l->inflight);
     void (*done)(void *) = l->done;
     void *ud = l->done_ud;
     cm_free(l);
@@ -512,29 +637,15 @@ static void free_leader(on_leader_t *l)
 
 static void maybe_finish(on_leader_t *l)
 {
-    if (!l->stopping || !l->timer_closed || l->unlock_pending || l->op_inflight || l->catchups ||
-        l->inflight_pubs)
+    if (!l->stopping || !l->election_stopped || l->handles_open || l->reads || l->inflight.n)
         return;
     free_leader(l);
 }
 
-static void unlock_done(cm_pg_t *pg, const PGresult *res, const char *error, void *ud)
-{
-    (void)pg;
-    (void)res;
-    on_leader_t *l = ud;
-    l->unlock_pending = 0;
-    if (error)
-        cm_log_warn("advisory unlock failed (the session end releases it)", "error", error, NULL);
-    else
-        cm_log_info("leader lock released", NULL);
-    maybe_finish(l);
-}
-
-static void timer_closed(uv_handle_t *h)
+static void handle_closed(uv_handle_t *h)
 {
     on_leader_t *l = h->data;
-    l->timer_closed = 1;
+    l->handles_open--;
     maybe_finish(l);
 }
 
@@ -542,16 +653,10 @@ void on_leader_stop(on_leader_t *l, void (*done)(void *ud), void *ud)
 {
     if (l->stopping)
         return;
-    int held = l->state == ST_LEADING || l->state == ST_LOCKING;
     l->stopping = 1;
     l->done = done;
     l->done_ud = ud;
-    set_state(l, ST_DOWN);
-    if (held && l->listen_up) {
-        const char *params[1] = {l->lock_key};
-        if (cm_pg_listen_query(l->app->pg, "SELECT pg_advisory_unlock($1::bigint)", 1, params, 1000,
-                               unlock_done, l) == 0)
-            l->unlock_pending = 1;
-    }
-    uv_close((uv_handle_t *)&l->timer, timer_closed);
+    /* Drops the pipeline (unlead) and releases the lock; its `stopped` comes later. */
+    on_election_stop(&l->election);
+    uv_close((uv_handle_t *)&l->retry_timer, handle_closed);
 }

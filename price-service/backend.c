@@ -25,6 +25,9 @@ struct ps_backend {
     cm_pg_t *pg;
     uint64_t origin_timeout_ms;
     cm_metric_t *m_ok, *m_not_found, *m_error, *m_duration;
+    /* The value of the refresh locks this instance takes: random, so it names nothing about
+     * the host and two replicas never share it. */
+    char token[PS_BACKEND_TOKEN_LEN + 1];
 };
 
 /* ---- Redis ---------------------------------------------------------------------------- */
@@ -42,8 +45,7 @@ typedef struct get_op {
 
 static void get_finish(get_op_t *op, int64_t pttl)
 {
-    op->cb(op->status, op->has_value ? (op->value ? op->value : "") : NULL, op->len, pttl,
-           op->arg);
+    op->cb(op->status, op->has_value ? (op->value ? op->value : "") : NULL, op->len, pttl, op->arg);
     cm_free(op->value);
     cm_free(op);
 }
@@ -175,6 +177,43 @@ static int be_set(void *ctx, const char *key, const char *val, size_t len, uint6
     return rc;
 }
 
+typedef struct lock_op {
+    ps_kv_lock_cb cb;
+    void *arg;
+} lock_op_t;
+
+static void on_lock(cm_redis_t *r, redisReply *reply, int status, void *ud)
+{
+    (void)r;
+    lock_op_t *op = ud;
+    if (status != 0)
+        op->cb(status, 0, op->arg);
+    else if (reply->type == REDIS_REPLY_STATUS) /* +OK: ours */
+        op->cb(0, 1, op->arg);
+    else if (reply->type == REDIS_REPLY_NIL) /* NX refused: someone else holds it */
+        op->cb(0, 0, op->arg);
+    else
+        op->cb(UV_EPROTO, 0, op->arg);
+    cm_free(op);
+}
+
+static int be_lock(void *ctx, const char *key, uint64_t ttl_ms, ps_kv_lock_cb cb, void *arg)
+{
+    ps_backend_t *b = ctx;
+    char ttl[24];
+    snprintf(ttl, sizeof ttl, "%llu", (unsigned long long)(ttl_ms ? ttl_ms : 1));
+    const char *argv[6] = {"SET", key, b->token, "NX", "PX", ttl};
+    size_t lens[6] = {3, strlen(key), strlen(b->token), 2, 2, strlen(ttl)};
+    lock_op_t *op = cm_malloc(sizeof *op);
+    if (!op)
+        return UV_ENOMEM;
+    *op = (lock_op_t){cb, arg};
+    int rc = cm_redis_command_argv(b->redis, on_lock, op, 6, argv, lens);
+    if (rc != 0)
+        cm_free(op);
+    return rc;
+}
+
 static void inc(cm_metric_t *m)
 {
     if (m)
@@ -190,17 +229,17 @@ typedef struct fetch_op {
     uint64_t start_ns;
 } fetch_op_t;
 
-static void on_fetch(cm_pg_t *pg, const PGresult *res, const char *error, void *ud)
+static void on_fetch(cm_pg_t *pg, const PGresult *res, int err, void *ud)
 {
     (void)pg;
     fetch_op_t *op = ud;
     ps_backend_t *b = op->b;
     if (b->m_duration)
         cm_histogram_observe(b->m_duration, (double)(uv_hrtime() - op->start_ns) / 1e9);
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        (void)error;
+    if (err || !res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        /* The cache's contract: too slow, or unavailable for any other reason. */
         inc(b->m_error);
-        op->cb(error && strcmp(error, "timeout") == 0 ? UV_ETIMEDOUT : UV_EIO, NULL, 0, op->arg);
+        op->cb(err == UV_ETIMEDOUT ? UV_ETIMEDOUT : UV_EIO, NULL, 0, op->arg);
     } else if (PQntuples(res) == 0) {
         inc(b->m_not_found);
         op->cb(UV_ENOENT, NULL, 0, op->arg);
@@ -259,6 +298,19 @@ ps_backend_t *ps_backend_new(uv_loop_t *loop, cm_redis_t *redis, cm_pg_t *pg,
     b->redis = redis;
     b->pg = pg;
     b->origin_timeout_ms = origin_timeout_ms;
+    unsigned char rnd[PS_BACKEND_TOKEN_LEN / 2];
+    if (uv_random(NULL, NULL, rnd, sizeof rnd, 0, NULL) != 0) {
+        /* No entropy source: the clock and the pid still tell replicas apart. */
+        uint64_t mix = uv_hrtime() ^ ((uint64_t)uv_os_getpid() << 32);
+        for (size_t i = 0; i < sizeof rnd; i++)
+            rnd[i] = (unsigned char)(mix >> (8 * (i % 8)));
+    }
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < sizeof rnd; i++) {
+        b->token[2 * i] = hex[rnd[i] >> 4];
+        b->token[2 * i + 1] = hex[rnd[i] & 15];
+    }
+    b->token[PS_BACKEND_TOKEN_LEN] = '\0';
     if (metrics) {
         const char *name = "origin_requests_total";
         const char *help = "Origin (Postgres) price queries by result.";
@@ -267,11 +319,15 @@ ps_backend_t *ps_backend_new(uv_loop_t *loop, cm_redis_t *redis, cm_pg_t *pg,
         b->m_error = cm_metrics_counter(metrics, name, help, "result=\"error\"");
         b->m_duration = cm_metrics_histogram(metrics, "origin_request_duration_seconds",
                                              "Origin query latency.", NULL,
-                                             cm_metrics_latency_bounds,
-                                             cm_metrics_latency_nbounds);
+                                             cm_metrics_latency_bounds, cm_metrics_latency_nbounds);
     }
-    *ops = (ps_cache_backend_t){be_get, be_mget, be_set, be_fetch, be_now, b};
+    *ops = (ps_cache_backend_t){be_get, be_mget, be_set, be_lock, be_fetch, be_now, b};
     return b;
+}
+
+const char *ps_backend_token(const ps_backend_t *b)
+{
+    return b->token;
 }
 
 void ps_backend_free(ps_backend_t *b)

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Demo order flow for the dev stack: inserts and updates orders of a few users every ~200 ms.
 
-Reads DATABASE_URL (and JWT_SECRET, PG_CHANNEL, NOTIFIER_URL if set) from the environment and
+Reads DATABASE_URL (and JWT_SECRET, PG_CHANNEL, NOTIFIER_URL, PRICES_URL if set) from the environment and
 prints a development token per user for the order-notifier dashboard, e.g.
 http://127.0.0.1:8081/#token=<jwt>. The orders table's trigger writes the outbox row and
 NOTIFYs the notifier; this script only changes orders.
@@ -18,6 +18,8 @@ import sys
 import time
 
 import psycopg2
+
+from redact import redact
 
 # The notifier's built-in development secret (used when JWT_SECRET is unset outside production).
 DEV_SECRET = "dev-only-order-notifier-secret-change-me"
@@ -50,8 +52,12 @@ def connect(dsn, channel):
                     cur.execute("SELECT set_config('markets.order_channel', %s, false)", (channel,))
             return conn
         except psycopg2.OperationalError as e:
-            print(f"demo-writer: database unavailable ({e.pgerror or e}); retrying", flush=True)
+            why = redact(str(e.pgerror or e).strip(), dsn)
+            print(f"demo-writer: database unavailable ({why}); retrying", flush=True)
             time.sleep(1)
+        except psycopg2.ProgrammingError as e:  # a malformed DATABASE_URL: retrying cannot help
+            print(f"demo-writer: DATABASE_URL: {redact(str(e).strip(), dsn)}", file=sys.stderr)
+            sys.exit(2)
 
 
 def step(cur, open_orders):
@@ -86,10 +92,14 @@ def main():
     secret = os.environ.get("JWT_SECRET") or DEV_SECRET
     channel = os.environ.get("PG_CHANNEL")
     base = os.environ.get("NOTIFIER_URL", "http://127.0.0.1:8081")
+    # The dashboard's price board reads this price-service (which must allow the page's
+    # origin: PRICE_CORS_ALLOWED_ORIGINS); without it, the page's own origin (the gateway).
+    prices = os.environ.get("PRICES_URL")
+    extra = f"&prices={prices}" if prices else ""
     for user in USERS:
-        print(f"demo-writer: dashboard for {user}: {base}/#token={dev_token(user, secret)}")
+        print(f"demo-writer: dashboard for {user}: {base}/#token={dev_token(user, secret)}{extra}")
     print(f"demo-writer: dashboard for every user: "
-          f"{base}/#token={dev_token('ops', secret, scope='orders:read:all')}", flush=True)
+          f"{base}/#token={dev_token('ops', secret, scope='orders:read:all')}{extra}", flush=True)
     once = "--once" in sys.argv
     conn = connect(dsn, channel)
     open_orders = []
@@ -98,7 +108,8 @@ def main():
             with conn.cursor() as cur:
                 step(cur, open_orders)
         except psycopg2.Error as e:
-            print(f"demo-writer: {e.__class__.__name__}: {str(e).strip()}; reconnecting", flush=True)
+            print(f"demo-writer: {e.__class__.__name__}: {redact(str(e).strip(), dsn)}; "
+                  "reconnecting", flush=True)
             try:
                 conn.close()
             except psycopg2.Error:

@@ -6,9 +6,10 @@ set -euo pipefail
 PKGS=(
   build-essential cmake pkg-config git curl ca-certificates procps
   libuv1-dev libhiredis-dev node-llhttp libwslay-dev libcjson-dev libpq-dev libssl-dev libcmocka-dev liburiparser-dev uthash-dev
-  redis-server redis-tools postgresql postgresql-client
-  python3 python3-pytest python3-websocket python3-psycopg2
+  redis-server redis-tools redis-sentinel postgresql postgresql-client pgbouncer
+  python3 python3-pytest python3-websocket python3-psycopg2 python3-yaml python3-jsonschema
   wrk nginx-light prometheus
+  clang libclang-rt-14-dev llvm-14 clang-format
 )
 if [ "${DEPS_EXTRA:-}" != "" ]; then
   # shellcheck disable=SC2206

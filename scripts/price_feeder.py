@@ -10,6 +10,8 @@ from decimal import Decimal
 
 import psycopg2
 
+from redact import redact
+
 
 def main():
     interval = float(os.environ.get("FEEDER_INTERVAL_MS", "300")) / 1000
@@ -31,7 +33,8 @@ def main():
                                 " WHERE market = %s", (new, market))
             time.sleep(interval)
         except psycopg2.Error as e:
-            print(f"price_feeder: {e}".strip(), file=sys.stderr)
+            # libpq quotes a malformed DATABASE_URL back, password included.
+            print(f"price_feeder: {redact(str(e).strip(), dsn)}", file=sys.stderr)
             conn = None
             time.sleep(1)
         except KeyboardInterrupt:

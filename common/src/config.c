@@ -1,5 +1,6 @@
 /*
- * config.c: validated 12-factor configuration getters and the KEY=VALUE override file.
+ * config.c: validated 12-factor configuration getters (the KEY=VALUE override file they consult
+ * is config_file.c).
  *
  * Every getter funnels its raw value through raw_value() (file first, then the lookup
  * function) and reports the first failure into c->error as one line that names the key, says
@@ -7,19 +8,17 @@
  * one-line contract of the startup message).
  */
 #include "cm/config.h"
+#include "config_internal.h"
 
 #include "cm/alloc.h"
+#include "cm/redact.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <uv.h>
 
 /* ------------------------------------------------------------------------------------------ */
@@ -28,29 +27,11 @@
 
 /* Quoted values in messages are cut to this many bytes so the message fits c->error. */
 #define QUOTE_MAX 64
-/* A configuration file larger than this is refused: it is a handful of lines by design. */
-#define FILE_MAX (1024 * 1024)
 
 static const char *env_lookup(const char *key, void *ud)
 {
     (void)ud;
     return getenv(key);
-}
-
-static int is_space(char ch)
-{
-    return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n' || ch == '\v' || ch == '\f';
-}
-
-/* Narrows [*s, *s + *len) to its non-whitespace core. */
-static void trim(const char **s, size_t *len)
-{
-    while (*len && is_space(**s)) {
-        (*s)++;
-        (*len)--;
-    }
-    while (*len && is_space((*s)[*len - 1]))
-        (*len)--;
 }
 
 /* Copies `len` bytes of `s` into dst for a message: control bytes become '?', long values are
@@ -81,6 +62,13 @@ static void set_error(cm_config_t *c, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(c->error, sizeof c->error, fmt, ap);
     va_end(ap);
+    /* One line whatever went into it: quote_value sanitises the values a getter quotes, but
+     * a check's complaint (cm_config_checked: libpq quotes DATABASE_URL back) or a
+     * CONFIG_FILE path arrive as they are. */
+    for (char *p = c->error; *p; p++) {
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
+    }
 }
 
 /* Records "KEY: expected <what>, got '<value>'" and returns UV_EINVAL. */
@@ -434,247 +422,6 @@ int cm_config_list(cm_config_t *c, const char *key, const char *def, char ***ite
     return rc;
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* KEY=VALUE file                                                                              */
-/* ------------------------------------------------------------------------------------------ */
-
-typedef struct entry {
-    char *key;
-    char *value;
-} entry_t;
-
-struct cm_config_file {
-    entry_t *entries;
-    size_t count;
-    size_t cap;
-};
-
-void cm_config_file_free(cm_config_file_t *f)
-{
-    if (!f)
-        return;
-    for (size_t i = 0; i < f->count; i++) {
-        cm_free(f->entries[i].key);
-        cm_free(f->entries[i].value);
-    }
-    cm_free(f->entries);
-    cm_free(f);
-}
-
-const char *cm_config_file_get(const cm_config_file_t *f, const char *key)
-{
-    if (!f)
-        return NULL;
-    for (size_t i = 0; i < f->count; i++) {
-        if (strcmp(f->entries[i].key, key) == 0)
-            return f->entries[i].value;
-    }
-    return NULL;
-}
-
-/* Stores key=value (copies); a key seen before is overwritten, so the last line wins. */
-static int file_put(cm_config_file_t *f, const char *k, size_t klen, const char *v, size_t vlen)
-{
-    char *value = cm_strndup(v, vlen);
-    if (!value)
-        return UV_ENOMEM;
-    for (size_t i = 0; i < f->count; i++) {
-        if (strlen(f->entries[i].key) == klen && memcmp(f->entries[i].key, k, klen) == 0) {
-            cm_free(f->entries[i].value);
-            f->entries[i].value = value;
-            return 0;
-        }
-    }
-    if (f->count == f->cap) {
-        size_t cap = f->cap ? f->cap * 2 : 8;
-        entry_t *e = cm_realloc(f->entries, cap * sizeof *e);
-        if (!e) {
-            cm_free(value);
-            return UV_ENOMEM;
-        }
-        f->entries = e;
-        f->cap = cap;
-    }
-    char *key = cm_strndup(k, klen);
-    if (!key) {
-        cm_free(value);
-        return UV_ENOMEM;
-    }
-    f->entries[f->count].key = key;
-    f->entries[f->count].value = value;
-    f->count++;
-    return 0;
-}
-
-static int key_valid(const char *k, size_t len)
-{
-    if (len == 0)
-        return 0;
-    for (size_t i = 0; i < len; i++) {
-        char ch = k[i];
-        int alpha = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_';
-        if (!alpha && (i == 0 || ch < '0' || ch > '9'))
-            return 0;
-    }
-    return 1;
-}
-
-/* Parses one line. Returns 0 (stored or skipped), UV_ENOMEM, or UV_EINVAL with *why set. */
-static int parse_line(cm_config_file_t *f, const char *s, size_t len, const char **why)
-{
-    trim(&s, &len);
-    if (len == 0 || s[0] == '#')
-        return 0;
-    const char *eq = memchr(s, '=', len);
-    if (!eq) {
-        *why = "expected KEY=VALUE";
-        return UV_EINVAL;
-    }
-    const char *k = s;
-    size_t klen = (size_t)(eq - s);
-    trim(&k, &klen);
-    if (!key_valid(k, klen)) {
-        *why = "invalid key (expected letters, digits and '_', not starting with a digit)";
-        return UV_EINVAL;
-    }
-    const char *v = eq + 1;
-    size_t vlen = (size_t)(s + len - v);
-    trim(&v, &vlen);
-    if (vlen && v[0] == '"') {
-        const char *close = memchr(v + 1, '"', vlen - 1);
-        if (!close) {
-            *why = "unterminated double quote";
-            return UV_EINVAL;
-        }
-        if (close != v + vlen - 1) {
-            *why = "text after the closing double quote";
-            return UV_EINVAL;
-        }
-        v++;
-        vlen -= 2;
-    }
-    return file_put(f, k, klen, v, vlen);
-}
-
-static void put_err(char *err, size_t errsz, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void put_err(char *err, size_t errsz, const char *fmt, ...)
-{
-    if (!err || !errsz)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errsz, fmt, ap);
-    va_end(ap);
-}
-
-/* Reads the whole file into a cm_malloc'd NUL-terminated buffer. */
-static int read_all(const char *path, char **data, size_t *size, char *err, size_t errsz)
-{
-    /* Non-blocking open and a regular-file check: the file is read on the loop (SIGHUP), and
-     * a FIFO or device named by mistake would block it for good. */
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-        int e = errno;
-        put_err(err, errsz, "%s: %s", path, strerror(e));
-        return -e;
-    }
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        put_err(err, errsz, "%s: not a regular file", path);
-        return UV_EINVAL;
-    }
-    size_t cap = 4096, len = 0;
-    char *buf = cm_malloc(cap);
-    if (!buf) {
-        close(fd);
-        put_err(err, errsz, "%s: out of memory", path);
-        return UV_ENOMEM;
-    }
-    for (;;) {
-        if (len + 1 >= cap) {
-            if (cap > FILE_MAX) {
-                close(fd);
-                cm_free(buf);
-                put_err(err, errsz, "%s: larger than %d bytes", path, FILE_MAX);
-                return UV_EFBIG;
-            }
-            char *nb = cm_realloc(buf, cap * 2);
-            if (!nb) {
-                close(fd);
-                cm_free(buf);
-                put_err(err, errsz, "%s: out of memory", path);
-                return UV_ENOMEM;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        ssize_t n = read(fd, buf + len, cap - len - 1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            int e = errno;
-            close(fd);
-            cm_free(buf);
-            put_err(err, errsz, "%s: %s", path, strerror(e));
-            return -e;
-        }
-        if (n == 0)
-            break;
-        len += (size_t)n;
-    }
-    close(fd);
-    buf[len] = '\0';
-    *data = buf;
-    *size = len;
-    return 0;
-}
-
-int cm_config_file_load(const char *path, cm_config_file_t **out, char *err, size_t errsz)
-{
-    *out = NULL;
-    put_err(err, errsz, "%s", "");
-    char *data = NULL;
-    size_t size = 0;
-    int rc = read_all(path, &data, &size, err, errsz);
-    if (rc != 0)
-        return rc;
-    cm_config_file_t *f = cm_calloc(1, sizeof *f);
-    if (!f) {
-        cm_free(data);
-        put_err(err, errsz, "%s: out of memory", path);
-        return UV_ENOMEM;
-    }
-    const char *p = data;
-    const char *end = data + size;
-    for (unsigned line = 1; p < end; line++) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *stop = nl ? nl : end;
-        const char *why = NULL;
-        if (memchr(p, '\0', (size_t)(stop - p))) {
-            why = "NUL byte";
-            rc = UV_EINVAL;
-        } else {
-            rc = parse_line(f, p, (size_t)(stop - p), &why);
-        }
-        if (rc != 0) {
-            if (rc == UV_ENOMEM)
-                put_err(err, errsz, "%s: out of memory", path);
-            else
-                put_err(err, errsz, "%s:%u: %s", path, line, why);
-            cm_config_file_free(f);
-            cm_free(data);
-            return rc;
-        }
-        p = stop + 1;
-    }
-    cm_free(data);
-    *out = f;
-    return 0;
-}
-
 /* ---- what both daemons read the same way ---------------------------------------------- */
 
 int cm_config_app_env(cm_config_t *c)
@@ -699,25 +446,85 @@ int cm_config_checked(cm_config_t *c, const char *key, const char *dev_default,
     cm_config_str(c, key, c->production ? NULL : dev_default, out);
     if (!*out)
         return cm_config_reject(c, key, "required when APP_ENV=production");
-    char why[192];
-    if (check(*out, why, sizeof why) != 0)
-        return cm_config_reject(c, key, why);
+    char why[192], safe[192];
+    if (check(*out, why, sizeof why) != 0) {
+        /* The values checked this way are URLs and connection strings: whatever the check
+         * says about one must not show its password. */
+        return cm_config_reject(c, key, cm_redact_message(why, *out, safe, sizeof safe));
+    }
     return 0;
 }
 
-int cm_config_use_file(cm_config_t *c, const char *const *file_keys)
+int cm_config_weak_secret(const char *value, size_t min_len, const char *const *known, char *why,
+                          size_t whysz)
 {
-    const char *path = getenv("CONFIG_FILE");
-    if (!path || !*path)
-        return 0;
-    char err[200];
-    if (cm_config_file_load(path, &c->owned_file, err, sizeof err) != 0) {
+    const char *s = value;
+    size_t len = strlen(value);
+    trim(&s, &len);
+    for (const char *const *k = known; k && *k; k++) {
+        /* Surrounding whitespace (a trailing newline from a file) does not make it new. */
+        if (strlen(*k) == len && memcmp(*k, s, len) == 0) {
+            snprintf(why, whysz,
+                     "a value published in the repository (an example or a "
+                     "default): generate one, e.g. openssl rand -hex 32");
+            return UV_EINVAL;
+        }
+    }
+    static const char *const placeholders[] = {"change-me", "changeme", "change_me"};
+    for (size_t i = 0; i < sizeof placeholders / sizeof *placeholders; i++) {
+        size_t plen = strlen(placeholders[i]);
+        for (size_t j = 0; j + plen <= len; j++) {
+            if (strncasecmp(s + j, placeholders[i], plen) == 0) {
+                snprintf(why, whysz,
+                         "still a placeholder (change-me): generate one, e.g. "
+                         "openssl rand -hex 32");
+                return UV_EINVAL;
+            }
+        }
+    }
+    if (strlen(value) < min_len) {
+        snprintf(why, whysz, "too short: expected at least %zu bytes", min_len);
+        return UV_EINVAL;
+    }
+    if (len == 0) {
+        snprintf(why, whysz, "only whitespace: expected random bytes, e.g. openssl rand -hex 32");
+        return UV_EINVAL;
+    }
+    /* Length alone accepts 32 spaces or "aaaa...": a real key has many distinct bytes (the
+     * hex form of 32 random bytes has about 16). */
+    unsigned char seen[256] = {0};
+    size_t distinct = 0;
+    for (const unsigned char *p = (const unsigned char *)value; *p; p++) {
+        distinct += !seen[*p];
+        seen[*p] = 1;
+    }
+    if (distinct < CM_CONFIG_SECRET_MIN_DISTINCT) {
+        snprintf(why, whysz,
+                 "fewer than %d distinct bytes: expected random bytes, e.g. openssl rand "
+                 "-hex 32",
+                 CM_CONFIG_SECRET_MIN_DISTINCT);
+        return UV_EINVAL;
+    }
+    return 0;
+}
+
+int cm_config_use_file_at(cm_config_t *c, const char *path, const char *const *file_keys)
+{
+    char err[CM_CONFIG_ERROR_MAX - 16];
+    if (cm_config_file_load(path, &c->owned_file, err, sizeof err) != 0 ||
+        cm_config_file_check_keys(c->owned_file, path, file_keys, err, sizeof err) != 0) {
         set_error(c, "CONFIG_FILE: %s", err);
         return UV_EINVAL;
     }
     c->file = c->owned_file;
     c->file_keys = file_keys;
     return 0;
+}
+
+int cm_config_use_file(cm_config_t *c, const char *const *file_keys)
+{
+    const char *path = getenv("CONFIG_FILE");
+    return path && *path ? cm_config_use_file_at(c, path, file_keys) : 0;
 }
 
 void cm_config_release(cm_config_t *c)

@@ -50,10 +50,10 @@ static series_t *find(cm_http_metrics_t *hm, const char *route, int code)
                                             "HTTP responses by route and status code.", labels);
     if (cm_metrics_labels(labels, sizeof labels, "route", route, NULL) < 0)
         return NULL;
-    cm_metric_t *duration = cm_metrics_histogram(
-        hm->metrics, "http_request_duration_seconds",
-        "Time from a complete request head to its queued response.", labels,
-        cm_metrics_latency_bounds, cm_metrics_latency_nbounds);
+    cm_metric_t *duration =
+        cm_metrics_histogram(hm->metrics, "http_request_duration_seconds",
+                             "Time from a complete request head to its queued response.", labels,
+                             cm_metrics_latency_bounds, cm_metrics_latency_nbounds);
     if (!count || !duration)
         return NULL;
     series_t *s = &hm->series[hm->n++];

@@ -1,5 +1,8 @@
 #include "cm/log.h"
 
+#include "cm/buf.h"
+#include "cm/utf8.h"
+
 #include <cjson/cJSON.h>
 #include <stdarg.h>
 #include <string.h>
@@ -72,6 +75,25 @@ static void format_time(char *out, size_t size)
     snprintf(out + n, size - n, ".%03dZ", (int)(tv.tv_usec / 1000));
 }
 
+/* `s` itself when it is valid UTF-8, else a copy in `scratch` with every byte that is not part
+ * of a well-formed sequence replaced by U+FFFD: cJSON copies bytes through unchecked, and a
+ * log line with invalid UTF-8 is not JSON (RFC 8259 §8.1), so collectors drop or mangle it. */
+static const char *json_safe(const char *s, cm_buf_t *scratch)
+{
+    size_t len = strlen(s);
+    if (cm_utf8_valid(s, len))
+        return s;
+    cm_buf_reset(scratch);
+    for (size_t i = 0; i < len;) {
+        size_t n = cm_utf8_seq_len(s + i, len - i);
+        int rc = n ? cm_buf_append(scratch, s + i, n) : cm_buf_puts(scratch, "\xef\xbf\xbd");
+        if (rc != 0)
+            return "(invalid UTF-8)";
+        i += n ? n : 1;
+    }
+    return scratch->data ? scratch->data : "";
+}
+
 static void write_json(FILE *f, const char *ts, cm_log_level_t level, const char *msg, va_list ap)
 {
     cJSON *o = cJSON_CreateObject();
@@ -79,17 +101,22 @@ static void write_json(FILE *f, const char *ts, cm_log_level_t level, const char
         fprintf(f, "{\"level\":\"%s\",\"msg\":\"log: out of memory\"}\n", names[level]);
         return;
     }
+    /* Keys and values each need their own scratch: cJSON copies both before the next call. */
+    cm_buf_t kbuf = CM_BUF_INIT, vbuf = CM_BUF_INIT;
     cJSON_AddStringToObject(o, "ts", ts);
     cJSON_AddStringToObject(o, "level", names[level]);
-    cJSON_AddStringToObject(o, "service", service_name);
-    cJSON_AddStringToObject(o, "msg", msg);
+    cJSON_AddStringToObject(o, "service", json_safe(service_name, &vbuf));
+    cJSON_AddStringToObject(o, "msg", json_safe(msg, &vbuf));
     for (const char *k = va_arg(ap, const char *); k; k = va_arg(ap, const char *)) {
         const char *v = va_arg(ap, const char *);
+        const char *key = json_safe(k, &kbuf);
         if (v)
-            cJSON_AddStringToObject(o, k, v);
+            cJSON_AddStringToObject(o, key, json_safe(v, &vbuf));
         else
-            cJSON_AddNullToObject(o, k);
+            cJSON_AddNullToObject(o, key);
     }
+    cm_buf_free(&kbuf);
+    cm_buf_free(&vbuf);
     char *line = cJSON_PrintUnformatted(o);
     if (line) {
         fputs(line, f);
@@ -99,13 +126,92 @@ static void write_json(FILE *f, const char *ts, cm_log_level_t level, const char
     cJSON_Delete(o);
 }
 
+/* A value may go out bare when every byte is printable ASCII other than the ones that delimit
+ * fields (space, '=') or quoting ('"', '\\'); anything else is quoted so that a value cannot
+ * end its field early and forge another one (a token subject of `x level=error`). */
+static int text_bare(const char *v)
+{
+    if (!*v)
+        return 0;
+    for (const unsigned char *p = (const unsigned char *)v; *p; p++) {
+        if (*p <= 0x20 || *p >= 0x7f || *p == '"' || *p == '=' || *p == '\\')
+            return 0;
+    }
+    return 1;
+}
+
+/* Writes `s` with its control characters, backslashes and (when `quotes`) double quotes
+ * escaped, logfmt-style: \n \r \t \" \\, other C0/C1 controls and DEL as \xHH or \u00HH, and
+ * bytes that are not well-formed UTF-8 as \xHH, so the line stays one valid UTF-8 line. */
+static void text_escaped(FILE *f, const char *s, int quotes)
+{
+    size_t len = strlen(s);
+    for (size_t i = 0; i < len;) {
+        unsigned char ch = (unsigned char)s[i];
+        size_t n = cm_utf8_seq_len(s + i, len - i);
+        if (n > 1) {
+            unsigned char next = (unsigned char)s[i + 1];
+            if (ch == 0xc2 && next < 0xa0) /* U+0080..U+009F: C1 controls */
+                fprintf(f, "\\u00%02x", next);
+            else
+                fwrite(s + i, 1, n, f);
+            i += n;
+            continue;
+        }
+        i++;
+        if (n == 0)
+            fprintf(f, "\\x%02x", ch);
+        else if (ch == '\n')
+            fputs("\\n", f);
+        else if (ch == '\r')
+            fputs("\\r", f);
+        else if (ch == '\t')
+            fputs("\\t", f);
+        else if (ch == '\\')
+            fputs("\\\\", f);
+        else if (ch == '"' && quotes)
+            fputs("\\\"", f);
+        else if (ch < 0x20 || ch == 0x7f)
+            fprintf(f, "\\x%02x", ch);
+        else
+            fputc(ch, f);
+    }
+}
+
+/* A key is an identifier in every call site; anything else becomes '_' rather than a
+ * delimiter. */
+static void text_key(FILE *f, const char *k)
+{
+    for (const unsigned char *p = (const unsigned char *)k; *p; p++) {
+        int ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                 *p == '_' || *p == '.' || *p == '-';
+        fputc(ok ? *p : '_', f);
+    }
+}
+
 static void write_text(FILE *f, const char *ts, cm_log_level_t level, const char *msg, va_list ap)
 {
     static const char *upper[] = {"DEBUG", "INFO", "WARN", "ERROR"};
-    fprintf(f, "%s %s %s %s", ts, upper[level], service_name, msg);
+    fprintf(f, "%s %s ", ts, upper[level]);
+    text_escaped(f, service_name, 0);
+    fputc(' ', f);
+    /* The message is free text up to the first field (a literal at every call site); only
+     * what could break the line is escaped. */
+    text_escaped(f, msg, 0);
     for (const char *k = va_arg(ap, const char *); k; k = va_arg(ap, const char *)) {
         const char *v = va_arg(ap, const char *);
-        fprintf(f, " %s=\"%s\"", k, v ? v : "");
+        fputc(' ', f);
+        text_key(f, k);
+        fputc('=', f);
+        if (!v) /* JSON's null: nothing after '=' (an empty string is written "") */
+            continue;
+        if (text_bare(v)) {
+            fputs(v, f);
+        } else {
+            fputc('"', f);
+            text_escaped(f, v, 1);
+            fputc('"', f);
+        }
     }
     fputc('\n', f);
 }

@@ -12,6 +12,7 @@
 //   node checks.js dockerfile-policy FILE...   non-root, exec form, health check, --version
 //   node checks.js gateway-policy FILE         the routes and headers of the nginx gateway
 //   node checks.js same-objects FILE FILE      two kustomize builds hold the same objects
+//   node checks.js sql-policy DIR|FILE         deploy/sql holds the schema, no data
 //
 // Prints the problems, one a line, and exits 1 when there is any; 0 and nothing otherwise.
 // A FILE of Kubernetes objects is the multi-document YAML `kustomize build` prints.
@@ -155,7 +156,7 @@ function k8sPolicy(file) {
       }
       if (!(c.envFrom || []).some((f) => f.configMapRef)) fail(`${cn}: settings must come from a ConfigMap (envFrom)`);
     }
-    // Drain: the daemons exit within 10 s of SIGTERM (CONTRACT.md), after the preStop sleep.
+    // Drain: the daemons exit within 10 s of SIGTERM (docs/openapi.yaml), after the preStop sleep.
     const grace = pod.terminationGracePeriodSeconds;
     if (!(grace >= maxPreStop + 10)) {
       fail(`${n}: terminationGracePeriodSeconds ${grace} leaves less than 10 s after the ${maxPreStop} s preStop`);
@@ -219,7 +220,7 @@ const DAEMONS = { price: 'price-service', notifier: 'order-notifier' };
 // Read by the daemons but deliberately unset: an optional file of reloadable settings.
 const OPTIONAL_VARS = ['CONFIG_FILE'];
 
-// Parses the "Configuration" table of CONTRACT.md: { 'price-service': Set, 'order-notifier': Set }.
+// Parses the configuration table (docs/CONFIGURATION.md): { 'price-service': Set, 'order-notifier': Set }.
 function contractVars(file) {
   const out = { 'price-service': new Set(), 'order-notifier': new Set() };
   const re = /^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|\s*([a-z]+)\s*\|/;
@@ -287,7 +288,7 @@ function envDrift(file, contractFile, srcRoot) {
     if (!got) { fail(`no Deployment ${d}`); continue; }
     const read = src && src[d].size ? src[d] : null;
     if (contract) {
-      const missing = diff(contract[d], got);
+      const missing = diff(contract[d], got).filter((v) => !OPTIONAL_VARS.includes(v));
       if (missing.length) fail(`${d}: contract variables not set by the manifests: ${missing.join(', ')}`);
     }
     if (read) {
@@ -338,7 +339,7 @@ function composePolicy(file, exampleEnv, contractFile, srcRoot) {
   const [doc] = readYamlDocs(file);
   const text = fs.readFileSync(file, 'utf8');
   const services = doc.services || {};
-  // What each daemon reads: the contract's table, else (no CONTRACT.md at hand) its sources.
+  // What each daemon reads: the contract's table, else (no configuration table at hand) its sources.
   let contract = contractFile && contractFile !== '-' ? contractVars(contractFile) : null;
   if (!contract && srcRoot && srcRoot !== '-') {
     const src = sourceVars(srcRoot);
@@ -518,6 +519,38 @@ function gatewayPolicy(file) {
   if (!/proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for/i.test(text.replace(ws, ''))) fail('X-Forwarded-For is not passed to price-service');
 }
 
+// ---------------------------------------------------------------------------------------------
+// SQL: deploy/sql is what a production database gets (deploy/README.md), so it holds the
+// schema only. Demo rows belong to scripts/dev_seed.sql, which only the dev stack and the
+// tests apply: a data statement here gave every new production database made-up prices.
+
+const DATA_STMT = /^\s*(INSERT|UPDATE|DELETE|COPY|MERGE|TRUNCATE)\b/i;
+
+function sqlPolicy(target) {
+  const files = fs.statSync(target).isDirectory()
+    ? fs.readdirSync(target).filter((f) => f.endsWith('.sql')).sort().map((f) => path.join(target, f))
+    : [target];
+  if (files.length === 0) fail(`${target}: no .sql files`);
+  for (const file of files) {
+    const f = path.basename(file);
+    // Dollar-quoted bodies are set aside (a trigger function's INSERT is schema, a DO
+    // block's is data), then strings and comments go, so ';' splits statements.
+    const bodies = [];
+    const text = fs.readFileSync(file, 'utf8').replace(
+      /\$([A-Za-z_]*)\$([\s\S]*?)\$\1\$|'(?:[^']|'')*'|--[^\n]*|\/\*[\s\S]*?\*\//g,
+      (m, tag, body) => (body !== undefined ? `$${bodies.push(body) - 1}$` : ' '));
+    for (const stmt of text.split(';')) {
+      const m = DATA_STMT.exec(stmt) || /^\s*WITH\b[\s\S]*?\b(INSERT|UPDATE|DELETE)\b/i.exec(stmt);
+      const doBody = /^\s*DO\b[^$]*\$(\d+)\$/i.exec(stmt);
+      const inDo = doBody && /\b(INSERT|UPDATE|DELETE|COPY)\b/i.exec(bodies[Number(doBody[1])]);
+      if (m || inDo) {
+        fail(`${f}: ${(m || inDo)[1].toUpperCase()} statement: deploy/sql holds the schema only; ` +
+          'demo or seed data goes to scripts/dev_seed.sql (dev stack and tests)');
+      }
+    }
+  }
+}
+
 // Two builds of one kustomization hold the same objects (order and formatting aside).
 function sameObjects(a, b) {
   const load = (f) => readYamlDocs(f).map((o) => JSON.stringify(o)).sort();
@@ -538,6 +571,7 @@ try {
     case 'docker-packages': dockerPackages(args[0]); break;
     case 'gateway-policy': gatewayPolicy(args[0]); break;
     case 'same-objects': sameObjects(args[0], args[1]); break;
+    case 'sql-policy': sqlPolicy(args[0]); break;
     default: fail(`unknown check ${cmd}`);
   }
 } catch (e) {

@@ -9,8 +9,11 @@
 # npm packages from tests/deploy/package-lock.json into tests/deploy/node_modules (git-ignored).
 # Each check is also run on the broken files in tests/deploy/fixtures/, which it must reject.
 #
+# The Prometheus rules and their unit tests need promtool (Debian package prometheus, which
+# scripts/deps.sh installs); without it those checks are skipped.
+#
 # Environment: MARKETS_BUILD_DIR (default build/) for the runtime-library check of built
-# binaries; CONTRACT_MD to point at CONTRACT.md when it is not beside the repository;
+# binaries; CONTRACT_MD to compare with another configuration table than docs/CONFIGURATION.md;
 # DEPLOY_IMAGE_BUILD=1 to also run the images' build stage here (a minute or two).
 set -uo pipefail
 # nginx lives in /usr/sbin, which a normal user's PATH lacks; npm's update notice is noise here.
@@ -23,35 +26,8 @@ trap 'rm -rf "$WORK"' EXIT
 NODE_BIN="$HERE/node_modules/.bin"
 COMPOSE_SPEC=/usr/lib/python3/dist-packages/compose/config/compose_spec.json
 
-passed=0 failed=0 skipped=0
-
-# ---------------------------------------------------------------------------------------------
-# Dependencies
-
-install_debs() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  local sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || { echo "deploy checks: need root or sudo to install ${missing[*]}" >&2; return 1; }
-    sudo="sudo"
-  fi
-  echo "deploy checks: installing ${missing[*]}" >&2
-  $sudo apt-get update -q >/dev/null &&
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-install_npm() {
-  command -v node >/dev/null && command -v npm >/dev/null || install_debs nodejs npm || return 1
-  local stamp="$HERE/node_modules/.lock.sha256" want
-  want=$(sha256sum "$HERE/package-lock.json" | cut -d' ' -f1)
-  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
-  echo "deploy checks: npm ci in tests/deploy" >&2
-  (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) && echo "$want" > "$stamp"
-}
+CHECKS_NAME="deploy checks" CHECKS_DIR=$HERE
+. "$HERE/../lib/checks.sh"
 
 # apt-cache answers for Debian 12's archive only once the package lists are there.
 apt_lists() {
@@ -59,29 +35,11 @@ apt_lists() {
   if [ "$(id -u)" -eq 0 ]; then apt-get update -q >/dev/null; else sudo apt-get update -q >/dev/null; fi
 }
 
-if ! install_debs yamllint docker-compose nginx-light || ! install_npm || ! apt_lists; then
+if ! checks_install_debs yamllint docker-compose nginx-light || ! checks_install_npm || ! apt_lists; then
   echo "deploy checks: could not install the checkers"
   echo "0 passed, 1 failed"
   exit 1
 fi
-
-# ---------------------------------------------------------------------------------------------
-# Reporting
-
-# check NAME COMMAND...: runs the command; its output is shown only when it fails.
-check() {
-  local name=$1 out; shift
-  if out=$("$@" 2>&1); then
-    printf 'ok      %s\n' "$name"; passed=$((passed + 1))
-  else
-    printf 'FAIL    %s\n' "$name"; failed=$((failed + 1))
-    printf '%s\n' "$out" | sed 's/^/        /' | head -40
-  fi
-}
-
-skip() {
-  printf 'skip    %s: %s\n' "$1" "$2"; skipped=$((skipped + 1))
-}
 
 # ---------------------------------------------------------------------------------------------
 # The checks, each on one file (or folder) so the fixtures go through the very same code.
@@ -217,19 +175,41 @@ gateway_nginx() {  # gateway_nginx CONF
   nginx -t -q -c "$d/nginx.conf" -p "$d" -e "$d/error.log"
 }
 gateway_policy() { node "$HERE/checks.js" gateway-policy "$1"; }
+sql_policy() { node "$HERE/checks.js" sql-policy "$1"; }
+
+# Prometheus: the rules parse (promtool check rules) and pass their unit tests (promtool test
+# rules: input series, alerts expected firing or not at given times); the scrape configurations
+# parse, with the rule files they load. Debian's promtool is built without Kubernetes service
+# discovery, so the Kubernetes one is checked with static_configs in place of
+# kubernetes_sd_configs (the relabelling, the part that matters, as committed).
+HAVE_PROMTOOL=0
+command -v promtool >/dev/null && HAVE_PROMTOOL=1
+prom_rules() { promtool check rules "$1"; }
+prom_rules_test() { promtool test rules "$1"; }
+prom_config() { promtool check config "$1"; }
+prom_config_kubernetes() {  # prom_config_kubernetes FILE (its rule files beside it)
+  local d="$WORK/prometheus.$RANDOM"
+  mkdir -p "$d" && cp "$(dirname "$1")"/*.yml "$d/" || return 1
+  grep -q 'kubernetes_sd_configs:' "$1" || { echo "no kubernetes_sd_configs in $1"; return 1; }
+  sed -e 's/^\( *\)kubernetes_sd_configs:/\1static_configs:/' -e 's/^\( *\)- role: pod$/\1- targets: ["pod:8080"]/' \
+    "$1" > "$d/$(basename "$1")"
+  promtool check config "$d/$(basename "$1")"
+}
+# Grafana: the dashboard is JSON (its panels and expressions: tests/e2e/test_observability.py).
+dashboard_json() { python3 -m json.tool "$1" > /dev/null; }
 
 # ---------------------------------------------------------------------------------------------
 # The repository's files
 
 CONTRACT=-
-for c in "${CONTRACT_MD:-}" "$ROOT/CONTRACT.md" "$ROOT/docs/CONTRACT.md" "$ROOT/../shared/CONTRACT.md" /work/shared/CONTRACT.md; do
+for c in "${CONTRACT_MD:-}" "$ROOT/docs/CONFIGURATION.md"; do
   [ -n "$c" ] && [ -f "$c" ] && { CONTRACT=$c; break; }
 done
 
 mapfile -t k8s_yaml < <(find "$ROOT/deploy/k8s" -name '*.yaml' | sort)
 check "yamllint docker-compose.yml and deploy/k8s (${#k8s_yaml[@]} files)" yaml_lint "$ROOT/docker-compose.yml" "${k8s_yaml[@]}"
 
-for overlay in dev prod; do
+for overlay in dev prod ha; do
   out="$WORK/$overlay.yaml"
   check "kustomize build overlays/$overlay" kustomize_build "$ROOT/deploy/k8s/overlays/$overlay" "$out"
   [ -s "$out" ] || continue
@@ -242,7 +222,7 @@ for overlay in dev prod; do
   check "overlays/$overlay: every object validates against the Kubernetes API schema" k8s_schema "$out"
   check "overlays/$overlay: security, probes, resources, drain, secrets, PDB, HPA, ingress routes" k8s_policy "$out"
   if [ "$CONTRACT" = - ]; then
-    check "overlays/$overlay: ConfigMap + Secret references cover what the sources read (no CONTRACT.md found)" env_drift "$out"
+    check "overlays/$overlay: ConfigMap + Secret references cover what the sources read (no configuration table found)" env_drift "$out"
   else
     check "overlays/$overlay: ConfigMap + Secret references == contract variables and what the sources read" env_drift "$out"
   fi
@@ -280,10 +260,25 @@ fi
 
 check "nginx -t deploy/gateway/nginx.conf" gateway_nginx "$ROOT/deploy/gateway/nginx.conf"
 check "deploy/gateway/nginx.conf: routes, WebSocket headers and timeouts, X-Request-Id, client address" gateway_policy "$ROOT/deploy/gateway/nginx.conf"
+check "deploy/sql: the schema only, no demo data (that is scripts/dev_seed.sql)" sql_policy "$ROOT/deploy/sql"
+
+PROM=$ROOT/deploy/prometheus
+check "yamllint deploy/prometheus ($(ls "$PROM"/*.yml | wc -l) files)" yaml_lint "$PROM"/*.yml
+if [ $HAVE_PROMTOOL = 1 ]; then
+  check "promtool check rules deploy/prometheus/rules.yml" prom_rules "$PROM/rules.yml"
+  check "promtool test rules deploy/prometheus/rules_test.yml (every alert firing and not firing)" prom_rules_test "$PROM/rules_test.yml"
+  check "promtool check config deploy/prometheus/prometheus.yml (compose targets, rules)" prom_config "$PROM/prometheus.yml"
+  check "promtool check config deploy/prometheus/prometheus-kubernetes.yml (relabelling, rules; static in place of SD)" \
+    prom_config_kubernetes "$PROM/prometheus-kubernetes.yml"
+else
+  skip "promtool check/test rules and check config (deploy/prometheus)" "no promtool: Debian package prometheus (scripts/deps.sh)"
+fi
+check "deploy/grafana/markets.json is valid JSON" dashboard_json "$ROOT/deploy/grafana/markets.json"
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: broken files that the checks above must reject, each for the reason it names.
 # A fixture's first lines say which check and which message:  "# check: NAME" / "# expect: TEXT"
+# (in an .sql fixture "-- check: NAME" / "-- expect: TEXT").
 
 rejects() {  # rejects FIXTURE CHECK EXPECT
   local fixture=$1 fn=$2 expect=$3 out target=$1
@@ -306,18 +301,17 @@ rejects() {  # rejects FIXTURE CHECK EXPECT
 for fx in "$HERE"/fixtures/*; do
   meta=$fx
   [ -d "$fx" ] && meta="$fx/kustomization.yaml"
-  fn=$(sed -n 's/^# check: *//p' "$meta" | head -1)
-  expect=$(sed -n 's/^# expect: *//p' "$meta" | head -1)
+  fn=$(sed -n 's/^\(#\|--\) check: *//p' "$meta" | head -1)
+  expect=$(sed -n 's/^\(#\|--\) expect: *//p' "$meta" | head -1)
   if [ -z "$fn" ] || [ -z "$expect" ]; then
     check "fixture $(basename "$fx")" false
+    continue
+  fi
+  if [ "${fn#prom_}" != "$fn" ] && [ $HAVE_PROMTOOL = 0 ]; then
+    skip "fixture $(basename "$fx")" "no promtool"
     continue
   fi
   check "fixture $(basename "$fx") is rejected by $fn ($expect)" rejects "$fx" "$fn" "$expect"
 done
 
-if [ $skipped -gt 0 ]; then
-  echo "$passed passed, $failed failed, $skipped skipped"
-else
-  echo "$passed passed, $failed failed"
-fi
-[ $failed -eq 0 ]
+checks_summary

@@ -81,11 +81,15 @@ class Servers:
 def servers():
     existing = os.environ.get("MARKETS_SERVERS_DIR")
     if existing and os.path.exists(os.path.join(existing, "env")):
+        # deploy/sql is the schema only: the demo markets (BTC-USD...) some tests read come
+        # from the dev seed, applied here whoever started the servers (idempotent).
+        subprocess.run([SERVERS_SH, "seed", existing], check=True)
         yield Servers(existing, owned=False)
         return
     directory = tempfile.mkdtemp(prefix="markets-e2e.")
     os.chmod(directory, 0o755)
     subprocess.run([SERVERS_SH, "start", directory], check=True)
+    subprocess.run([SERVERS_SH, "seed", directory], check=True)
     try:
         yield Servers(directory, owned=True)
     finally:
@@ -121,11 +125,27 @@ class Daemon:
             try:
                 status, _, _ = http_request("GET", self.url + "/healthz", timeout=1)
                 if status == 200:
+                    self._settle()
                     return self
             except OSError:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not healthy after {timeout}s:\n{self.logs()}")
+
+    def _settle(self, timeout=5.0):
+        """The price-service answers /healthz before its Postgres pool is up, and its first
+        requests would get 503: give it a moment to become ready (tests that keep the origin
+        away on purpose simply wait the few seconds out)."""
+        if self.name != "price-service":
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if http_request("GET", self.url + "/readyz", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
 
     def logs(self):
         self._log.flush()
@@ -164,13 +184,40 @@ class Daemon:
         self._log.close()
 
 
+def set_order_channel(servers, channel):
+    """Sets the database-level markets.order_channel, the channel the orders trigger NOTIFYs
+    (deploy/sql), the way a deployment that changes PG_CHANNEL does (README); "order_events"
+    (the trigger's default) or None resets it. The notifier checks its PG_CHANNEL against it in
+    its own sessions, so only sessions opened afterwards see the new value."""
+    import psycopg2
+    from psycopg2 import sql
+    conn = psycopg2.connect(servers.psql_dsn())
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_database()")
+            db = sql.Identifier(cur.fetchone()[0])
+            if channel in (None, "order_events"):
+                cur.execute(sql.SQL("ALTER DATABASE {} RESET markets.order_channel").format(db))
+            else:
+                cur.execute(sql.SQL("ALTER DATABASE {} SET markets.order_channel = {}")
+                            .format(db, sql.Literal(channel)))
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def start_daemon(servers, tmp_path):
-    """start_daemon(name, env_overrides=None, wait=True) -> Daemon; all are stopped after the
-    test, and one that does not exit 0 on SIGTERM fails it (leaks under ASan do that)."""
+    """start_daemon(name, env_overrides=None, wait=True, order_channel=...) -> Daemon; all are
+    stopped after the test, and one that does not exit 0 on SIGTERM fails it (leaks under ASan
+    do that). An order-notifier gets the database's markets.order_channel set to its
+    PG_CHANNEL first (the trigger's channel, which it checks at start), unless order_channel
+    names another value to set (None: leave the database as it is)."""
     started = []
+    channel_set = []
+    keep = object()
 
-    def start(name, env_overrides=None, wait=True):
+    def start(name, env_overrides=None, wait=True, order_channel=keep):
         if not os.path.exists(binary_path(name)):
             pytest.skip(f"{binary_path(name)} is not built")
         port = free_port()
@@ -190,6 +237,12 @@ def start_daemon(servers, tmp_path):
                 env.pop(k, None)
             else:
                 env[k] = str(v)
+        if name == "order-notifier":
+            if order_channel is keep:
+                order_channel = env.get("PG_CHANNEL") or "order_events"
+            if order_channel is not None:
+                set_order_channel(servers, order_channel)
+                channel_set.append(order_channel)
         d = Daemon(name, env, port, str(tmp_path / f"{name}-{len(started)}.log"))
         started.append(d)
         if wait:
@@ -197,6 +250,8 @@ def start_daemon(servers, tmp_path):
         return d
 
     yield start
+    if channel_set:
+        set_order_channel(servers, None)
     bad = []
     for d in started:
         if d.proc.poll() is None:

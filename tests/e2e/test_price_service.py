@@ -61,7 +61,12 @@ def test_redis_holds_only_price_entries(start_daemon, db, servers):
     value = servers.redis_cli("-n", "7", "GET", f"price:v1:{market}")
     assert json.loads(value)["confidence"] is None
     keys = servers.redis_cli("-n", "7", "--scan").split()
+    # Refresh locks (price:lock:v1:<market>) hold only a random instance token.
+    locks = [k for k in keys if k.startswith("price:lock:v1:")]
+    keys = [k for k in keys if k not in locks]
     assert keys and all(k.startswith("price:v1:") for k in keys), keys
+    for k in locks:
+        assert re.fullmatch(r"[0-9a-f]{16}|", servers.redis_cli("-n", "7", "GET", k))
     for k in keys:
         ttl = int(servers.redis_cli("-n", "7", "PTTL", k))
         assert 0 < ttl <= 1000 or ttl == -2  # every entry expires (-2: expired since the SCAN)
@@ -106,6 +111,58 @@ def test_unknown_market_is_cached_negatively(start_daemon, servers):
         assert http_get_json(ps.url + PRICE + market)[0] == 404
     assert metric(ps, "origin_requests_total", '{result="not_found"}') == before
     assert servers.redis_cli("EXISTS", f"price:v1:{market}") == "1"
+
+
+@pytest.mark.parametrize("planted", [
+    "not json", "[1,2]", '{"market":"X"', "\"a string\"", "12", "{}",
+    '{"market":"MARKET","price":"1"} ]}, "injected": true, "x":[{',   # bytes after the object
+    '{"market":"OTHER","price":"1"}',                                # another market's
+    '{"market":"MARKET"}',                                           # no price
+    b'{"market":"MARKET","price":"\xff"}',                          # not UTF-8
+    '{"market":"MARKET","price":"1","pad":"' + "x" * 5000 + '"}',    # too big to be ours
+])
+def test_a_cached_value_that_is_not_a_json_object_is_not_served(start_daemon, db, servers,
+                                                                planted):
+    """Whatever else can write to the shared Redis (or a value cut short) never reaches a
+    client: only exactly one price object of the requested market is served; anything else is
+    a miss, logged, and the origin's answer replaces it. Single and batch."""
+    ps = start_daemon("price-service")
+    market = new_market(db)
+    def plant(m):
+        value = planted if isinstance(planted, bytes) else planted.encode()
+        # Bytes as they are (redis-cli -x takes the last argument from stdin).
+        subprocess.run(["redis-cli", "-p", str(servers.redis_port), "-x", "SET",
+                        f"price:v1:{m}"], input=value.replace(b"MARKET", m.encode()),
+                       check=True, capture_output=True)
+        servers.redis_cli("PEXPIRE", f"price:v1:{m}", "900")
+    plant(market)
+    status, headers, body = http_get_json(ps.url + PRICE + market)
+    assert status == 200 and body["market"] == market, body
+    assert headers["cache-status"] == "price-service; fwd=miss; stored"
+    assert json.loads(servers.redis_cli("GET", f"price:v1:{market}"))["market"] == market
+    other = new_market(db)
+    plant(other)
+    status, _, body = http_get_json(ps.url + "/api/markets/prices?markets=" + other)
+    assert status == 200 and [p["market"] for p in body["prices"]] == [other], body
+    assert body["prices"][0]["price"] == "64123.450000" and body["missing"] == []
+    assert json.loads(servers.redis_cli("GET", f"price:v1:{other}"))["market"] == other
+    assert any(e.get("msg", "").startswith("cached price is not this market's price object")
+               for e in ps.log_lines())
+
+
+@pytest.mark.parametrize("px", ["3600000", None])
+def test_an_entry_that_outlives_the_ttl_is_not_ours(start_daemon, db, servers, px):
+    """A negative entry planted with an hour's expiry (or none) made a real market 404 for that
+    long, in Redis and in every replica's memory tier: an entry whose remaining TTL is above
+    CACHE_TTL_MS was not written by us, so it is a miss and the origin's answer replaces it."""
+    ps = start_daemon("price-service")
+    market = new_market(db)
+    args = ["SET", f"price:v1:{market}", ""] + (["PX", px] if px else [])
+    servers.redis_cli(*args)
+    status, headers, body = http_get_json(ps.url + PRICE + market)
+    assert status == 200 and body["market"] == market, body
+    assert headers["cache-status"] == "price-service; fwd=miss; stored"
+    assert 0 < int(servers.redis_cli("PTTL", f"price:v1:{market}")) <= 1000
 
 
 @pytest.mark.parametrize("query", ["", "?market=", "?market=BTC%20USD", "?market=" + "A" * 65,
@@ -289,6 +346,28 @@ def test_sighup_reloads_config_file(start_daemon, db, tmp_path):
     ps.signal(signal.SIGHUP)
     assert wait_for(lambda: any("CACHE_TTL_MS" in l.get("error", "") for l in ps.log_lines()))
     assert http_get_json(ps.url + PRICE + market)[1]["cache-status"] == "price-service; fwd=bypass"
+    # A key the file may not set (a typo, or one read at start-up only) refuses the whole
+    # reload, naming it; it used to be ignored without a word.
+    conf.write_text("CACHE_ENABLED=true\nCACHE_TLL_MS=500\n")
+    ps.signal(signal.SIGHUP)
+    assert wait_for(lambda: any("CACHE_TLL_MS is not a key this file can set" in l.get("error", "")
+                                for l in ps.log_lines()))
+    assert http_get_json(ps.url + PRICE + market)[1]["cache-status"] == "price-service; fwd=bypass"
+
+
+@pytest.mark.parametrize("content", ["REDIS_URL=redis://elsewhere:6379/0\n", "CACHE_TLL_MS=5\n"])
+def test_config_file_with_a_key_it_cannot_set_exits_2(tmp_path, content):
+    conf = tmp_path / "price.conf"
+    conf.write_text("CACHE_TTL_MS=1000\n" + content)
+    if not os.path.exists(binary_path("price-service")):
+        pytest.skip("not built")
+    env = dict(os.environ, PRICE_SERVICE_LISTEN="127.0.0.1:1", CONFIG_FILE=str(conf))
+    r = subprocess.run([binary_path("price-service")], env=env, capture_output=True, text=True,
+                       timeout=10)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    key = content.split("=")[0]
+    assert len(lines) == 1 and "CONFIG_FILE" in lines[0] and f"{key} is not a key" in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("env,name", [
@@ -301,8 +380,10 @@ def test_sighup_reloads_config_file(start_daemon, db, tmp_path):
     ({"APP_ENV": "Production"}, "APP_ENV"),
     ({"DATABASE_URL": "postgresql://db:70000/markets"}, "DATABASE_URL"),
     ({"DATABASE_URL": "host=db port=abc"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://u:pw@db/markets?sslmode=bogus"}, "DATABASE_URL"),
     ({"PRICE_SERVICE_LISTEN": "no-such-host.invalid:8080"}, "PRICE_SERVICE_LISTEN"),
     ({"APP_ENV": "production", "REDIS_URL": None}, "REDIS_URL"),
+    ({"PRICE_CORS_ALLOWED_ORIGINS": "http://a.example/"}, "PRICE_CORS_ALLOWED_ORIGINS"),
 ])
 def test_bad_configuration_exits_2_naming_the_variable(env, name):
     full = dict(os.environ)
@@ -319,6 +400,31 @@ def test_bad_configuration_exits_2_naming_the_variable(env, name):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0], r.stderr
+
+
+def test_cors_only_for_listed_origins(start_daemon, db):
+    """PRICE_CORS_ALLOWED_ORIGINS: a listed Origin may read the price endpoints (errors too) from
+    a page served elsewhere (the notifier's dashboard); others get no permission, and unset means
+    no CORS header at all."""
+    market = new_market(db)
+    page = "http://127.0.0.1:8081"
+    ps = start_daemon("price-service", {"PRICE_CORS_ALLOWED_ORIGINS": f"https://ops.example, {page}"})
+    for path in (PRICE + market, "/api/markets/prices?markets=" + market + ",NOPE",
+                 PRICE + "bad%20id", PRICE + "NO-SUCH-" + uuid.uuid4().hex[:6]):
+        status, headers, _ = http_request("GET", ps.url + path, headers={"Origin": page})
+        assert status in (200, 400, 404), (path, status)
+        assert headers.get("access-control-allow-origin") == page, (path, headers)
+        assert headers.get("vary") == "Origin"
+    status, headers, _ = http_request("GET", ps.url + PRICE + market,
+                                      headers={"Origin": "http://elsewhere.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    assert headers.get("vary") == "Origin"
+    assert "cache-status" in headers
+    _, headers, _ = http_request("GET", ps.url + "/healthz", headers={"Origin": page})
+    assert "access-control-allow-origin" not in headers
+    plain = start_daemon("price-service")
+    _, headers, _ = http_request("GET", plain.url + PRICE + market, headers={"Origin": page})
+    assert "access-control-allow-origin" not in headers and "vary" not in headers
 
 
 def test_help_and_version():

@@ -1,7 +1,7 @@
 /*
  * Helpers shared by the integration tests (one test binary per .c file includes this once):
- * run a loop until a counter moves, count close callbacks, and stop or start the throw-away
- * servers through scripts/servers.sh (MARKETS_SERVERS_DIR).
+ * run a loop until a counter moves, finish it, count close callbacks, and stop or start the
+ * throw-away servers through scripts/servers.sh (MARKETS_SERVERS_DIR).
  */
 #ifndef TESTS_LOOP_UTIL_H
 #define TESTS_LOOP_UTIL_H
@@ -37,6 +37,14 @@ static void run_for(uv_loop_t *loop, uint64_t ms)
     run_until(loop, &never, 1, ms);
 }
 
+/* Runs what is left (close callbacks) and closes the loop: every handle must be gone. Needs
+ * cmocka.h included first. */
+static inline void finish_loop(uv_loop_t *loop)
+{
+    uv_run(loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(loop), 0);
+}
+
 static int closed;
 static void on_closed(void *ud)
 {
@@ -44,22 +52,22 @@ static void on_closed(void *ud)
     closed++;
 }
 
-/* Runs `scripts/servers.sh <what> $MARKETS_SERVERS_DIR`, the script found from this file's
- * path. Returns the command's status (0 on success). */
-static int servers_ctl(const char *what)
+/* Runs `scripts/servers.sh <what> $MARKETS_SERVERS_DIR [extra]` of this source tree (extra may
+ * be NULL). Returns the command's status (0 on success). */
+static int servers_ctl_with(const char *what, const char *extra)
 {
     const char *dir = getenv("MARKETS_SERVERS_DIR");
-    char src[512], cmd[1024];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *at = strstr(src, "tests/integration/");
-    if (!at || !dir)
+    char cmd[1024];
+    if (!dir)
         return -1;
-    if (at == src)
-        strcpy(src, ".");
-    else
-        at[-1] = '\0';
-    snprintf(cmd, sizeof cmd, "%s/scripts/servers.sh %s %s >/dev/null 2>&1", src, what, dir);
+    snprintf(cmd, sizeof cmd, "%s/scripts/servers.sh %s %s %s >/dev/null 2>&1", MARKETS_SOURCE_DIR,
+             what, dir, extra ? extra : "");
     return system(cmd);
+}
+
+static inline int servers_ctl(const char *what)
+{
+    return servers_ctl_with(what, NULL);
 }
 
 #endif

@@ -2,8 +2,9 @@
  * cm/alloc.h: the one allocation path of the project.
  *
  * Every heap allocation of common/ and the daemons goes through these wrappers so that tests
- * can count live blocks (leaks) and make the Nth allocation fail (error paths). Libraries
- * (libuv, hiredis, cJSON, libpq) keep their own allocators.
+ * can count live blocks (leaks) and make the Nth allocation fail (error paths). cJSON uses them
+ * too once cm_json_init() has run (cm/json.h); the other libraries (libuv, hiredis, libpq) keep
+ * their own allocators.
  */
 #ifndef CM_ALLOC_H
 #define CM_ALLOC_H

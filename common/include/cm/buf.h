@@ -13,7 +13,10 @@ typedef struct cm_buf {
     size_t cap; /* bytes allocated */
 } cm_buf_t;
 
+/* Kept on one line: clang-format 14 spreads a braced initializer macro over four. */
+/* clang-format off */
 #define CM_BUF_INIT {NULL, 0, 0}
+/* clang-format on */
 
 /* Makes room for `extra` more bytes (plus the NUL). Returns 0 or UV_ENOMEM. */
 int cm_buf_reserve(cm_buf_t *b, size_t extra);
@@ -23,7 +26,7 @@ int cm_buf_append(cm_buf_t *b, const void *data, size_t len);
 int cm_buf_puts(cm_buf_t *b, const char *s);
 /* Appends printf-formatted text. Returns 0, UV_ENOMEM, or UV_EINVAL on a format error. */
 int cm_buf_printf(cm_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-int cm_buf_vprintf(cm_buf_t *b, const char *fmt, va_list ap);
+int cm_buf_vprintf(cm_buf_t *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* Forgets the contents but keeps the memory for reuse. */
 void cm_buf_reset(cm_buf_t *b);
 /* Releases the memory; the buffer may be used again afterwards. */

@@ -4,9 +4,9 @@
  *
  * A bad value is a startup error that names the variable and says what was expected, e.g.
  * "CACHE_TTL_MS: expected an integer from 1 to 60000, got 'abc'"; the daemon prints c->error on
- * one line and exits 2 (CONTRACT.md). Lookups go through a function so tests inject values.
- * An optional KEY=VALUE file (CONFIG_FILE, re-read on SIGHUP) is consulted before the lookup so
- * it can override the environment for the reloadable keys.
+ * one line and exits 2 (docs/CONFIGURATION.md). Lookups go through a function so tests inject
+ * values. An optional KEY=VALUE file (CONFIG_FILE, re-read on SIGHUP) is consulted before the
+ * lookup so it can override the environment for the reloadable keys.
  *
  * Typical use:
  *     cm_config_t c;
@@ -27,6 +27,10 @@ typedef const char *(*cm_config_lookup_fn)(const char *key, void *ud);
 
 struct cm_config_file;
 
+/* Room for any error a config getter or CONFIG_FILE reports, its explanation whole: quoted
+ * values, keys and paths are cut to fit (reload callers size their buffers with it). */
+#define CM_CONFIG_ERROR_MAX 1024
+
 typedef struct cm_config {
     cm_config_lookup_fn lookup; /* getenv by default */
     void *ud;                   /* passed to lookup; borrowed */
@@ -36,9 +40,9 @@ typedef struct cm_config {
      * CACHE_ENABLED, CACHE_TTL_MS, LOG_LEVEL). NULL: the file is consulted for every key.
      * Borrowed. */
     const char *const *file_keys;
-    char error[256]; /* the first error, e.g. "CACHE_TTL_MS: expected an integer from 1 to
-                        60000, got 'abc'"; empty when none */
-    int failed;      /* non-zero once any getter failed */
+    char error[CM_CONFIG_ERROR_MAX]; /* the first error, e.g. "CACHE_TTL_MS: expected an integer
+                        from 1 to 60000, got 'abc'"; empty when none */
+    int failed;                      /* non-zero once any getter failed */
     /* cm_config_listen accepts port 0 (an ephemeral port, for tests) when non-zero. Default 0. */
     int allow_port_zero;
     /* APP_ENV=production (set by cm_config_app_env): settings with only a development default
@@ -121,7 +125,8 @@ typedef int (*cm_config_check_fn)(const char *value, char *why, size_t whysz);
 /*
  * A string validated by `check` (a URL, a connection string). `dev_default` applies when the
  * value is absent, except in production, where the setting is then required. Returns 0 or
- * UV_EINVAL with c->error "KEY: <why>" or "KEY: required when APP_ENV=production".
+ * UV_EINVAL with c->error "KEY: <why>" or "KEY: required when APP_ENV=production". <why> goes
+ * through cm_redact_message, so a check that quotes the value back cannot print its password.
  */
 int cm_config_checked(cm_config_t *c, const char *key, const char *dev_default,
                       cm_config_check_fn check, const char **out);
@@ -130,12 +135,30 @@ int cm_config_checked(cm_config_t *c, const char *key, const char *dev_default,
  * Returns UV_EINVAL. */
 int cm_config_reject(cm_config_t *c, const char *key, const char *what);
 
+/* Fewest distinct byte values cm_config_weak_secret accepts. */
+#define CM_CONFIG_SECRET_MIN_DISTINCT 8
+
+/*
+ * Checks a production secret. Returns 0 when `value` is fit, else UV_EINVAL with `why`
+ * (whysz bytes) set to a phrase for "KEY: <why>" ("too short: ..."): it is one of the
+ * NULL-terminated `known` values (defaults and examples published in the repository; compared with
+ * surrounding whitespace ignored), a "change-me" placeholder, shorter than `min_len` bytes, only
+ * whitespace, or has fewer than CM_CONFIG_SECRET_MIN_DISTINCT distinct bytes. `why` never quotes
+ * the value.
+ */
+int cm_config_weak_secret(const char *value, size_t min_len, const char *const *known, char *why,
+                          size_t whysz);
+
 /*
  * Loads the file named by the CONFIG_FILE environment variable, when set, as c->file, limited
  * to `file_keys` (borrowed, NULL-terminated: the reloadable keys). Returns 0, or UV_EINVAL
  * with c->error "CONFIG_FILE: <path:line: problem>". Free with cm_config_release().
  */
 int cm_config_use_file(cm_config_t *c, const char *const *file_keys);
+/* The same for the file at `path` (a SIGHUP reload). A key of the file that is not in
+ * `file_keys` is an error too ("<path>: KEY is not a key this file can set (it can set A, B)"):
+ * a typo in a file of overrides must not pass unnoticed, nor a key read at start-up only. */
+int cm_config_use_file_at(cm_config_t *c, const char *path, const char *const *file_keys);
 /* Frees what cm_config_use_file loaded; strings read from it are invalid afterwards. */
 void cm_config_release(cm_config_t *c);
 

@@ -45,6 +45,8 @@ typedef struct cm_http_request {
     size_t nheaders;
     const char *body; /* NUL-terminated for convenience; "" when none */
     size_t body_len;
+    int http_major; /* request line's HTTP version: 1 and 1 for HTTP/1.1 */
+    int http_minor;
     int keep_alive;    /* llhttp_should_keep_alive() at the end of the message */
     int is_head;       /* HEAD: the response is sent without its body (headers unchanged) */
     const char *route; /* set by the router (metrics label); "unmatched" by default */
@@ -127,11 +129,15 @@ int cm_http_respond_error(cm_http_request_t *req, int status, const char *code, 
                           const char *headers);
 /* Case-insensitive header lookup (first match); returns the value (borrowed like req) or NULL. */
 const char *cm_http_header(const cm_http_request_t *req, const char *name);
+/* 0 when the query string is well formed: every '%' starts a two-digit hex escape and none
+ * is %00; UV_EINVAL otherwise. */
+int cm_http_query_check(const cm_http_request_t *req);
 /*
  * Looks up query parameter `key` (percent-decoded, '+' as space; RFC 3986 + HTML form
  * encoding, via uriparser). Writes the NUL-terminated value into `out` (`outsz` bytes).
- * Returns the value length (>= 0), UV_ENOENT if absent, UV_E2BIG if it does not fit,
- * UV_EINVAL if the query is malformed or the value decodes to a NUL byte (%00), UV_ENOMEM.
+ * Returns the value length (>= 0), UV_ENOENT if absent, UV_EEXIST if it is there more than
+ * once, UV_E2BIG if it does not fit, UV_EINVAL if the query is malformed
+ * (cm_http_query_check), UV_ENOMEM.
  */
 int cm_http_query_param(const cm_http_request_t *req, const char *key, char *out, size_t outsz);
 /* Reason phrase for `status` ("Not Found"); "Unknown" for codes it does not know. Static. */
@@ -140,9 +146,11 @@ const char *cm_http_status_text(int status);
 /*
  * WebSocket and other upgrades (RFC 9110 section 7.8): the handler writes the whole 101
  * response head itself (`response_head`, `len` bytes, copied) and turns the connection raw;
- * this answers `req`. The connection keeps owning the TCP handle; from then on bytes read go to
- * cbs->on_read (`data` borrowed for the call; n < 0 is a UV_EOF or error code and the
- * connection is closing) and cbs->on_close fires exactly once when the handle has closed (free
+ * this answers `req` (the request's strings are released when it returns: an upgraded
+ * connection keeps no request state). The connection keeps owning the TCP handle; from then on
+ * bytes read go to cbs->on_read (`data` borrowed for the call; n < 0 is a UV_EOF or error code
+ * and the connection is closing; n == 0 with data NULL is the wake-up asked for with
+ * cm_http_conn_wake()) and cbs->on_close fires exactly once when the handle has closed (free
  * your state there; `c` is invalid after it). Bytes already read past the request head are
  * delivered to on_read before any new ones, on a later loop turn (never inside this call).
  * `cbs` is copied. On success *out (may be NULL) is the connection. Returns 0, or a negative
@@ -154,13 +162,38 @@ typedef struct cm_http_raw_cbs {
 } cm_http_raw_cbs_t;
 int cm_http_upgrade(cm_http_request_t *req, const void *response_head, size_t len,
                     const cm_http_raw_cbs_t *cbs, void *ud, cm_http_conn_t **out);
-/* Raw connections: queues `len` bytes of `data` (borrowed; copied when not written at once).
- * Returns 0, UV_EPIPE when the connection is closing, UV_ENOMEM, or a write error. */
+
+/*
+ * Raw connections write corked: what is queued during one loop turn leaves in one uv_write
+ * (one writev) when the loop is about to wait for I/O again (a uv_prepare handle of the
+ * server), so a burst of small frames to one peer costs one system call, not one each.
+ */
+
+/* Queues `len` bytes of `data` (copied). Returns 0, UV_EPIPE when the connection is closing,
+ * or UV_ENOMEM (then the connection is closed). */
 int cm_http_conn_write(cm_http_conn_t *c, const void *data, size_t len);
-/* Bytes queued but not yet accepted by the kernel (backpressure). */
+/* Gives back what cm_http_conn_write_ref borrowed. */
+typedef void (*cm_http_release_fn)(void *arg);
+/*
+ * Queues `len` bytes at `data` without copying them: they must stay valid and unchanged until
+ * release(arg) (may be NULL) is called, exactly once, from the loop, when the kernel has taken
+ * them or the connection has closed (before on_close), never inside this call. Lets one
+ * buffer go to many connections. Returns 0, UV_EPIPE when the connection is closing, or
+ * UV_ENOMEM (then the connection is closed); release is not called on an error.
+ */
+int cm_http_conn_write_ref(cm_http_conn_t *c, const void *data, size_t len,
+                           cm_http_release_fn release, void *arg);
+/* Bytes queued (this loop turn's and those the kernel has not accepted yet): backpressure. */
 size_t cm_http_conn_write_queue_size(const cm_http_conn_t *c);
+/* Raw connections: reading stops while more than `max` bytes are queued and starts again once
+ * the queue is back at or under it, so a peer that makes us write (pongs) without reading
+ * cannot grow our memory. 0 (the default) is no limit. */
+void cm_http_conn_set_write_limit(cm_http_conn_t *c, size_t max);
 /* Pauses (paused=1) or resumes (0) reading: backpressure the other way. */
 void cm_http_conn_read_pause(cm_http_conn_t *c, int paused);
+/* Raw connections: on_read(c, NULL, 0, ud) once on a later loop turn (several calls before it
+ * fires make one), for work the owner must not do inside its own caller's call. */
+void cm_http_conn_wake(cm_http_conn_t *c);
 /* Closes after the queued writes are flushed (uv_shutdown then uv_close; hard=0) or at once
  * (hard=1). on_close fires later, from the loop. Idempotent. */
 void cm_http_conn_close(cm_http_conn_t *c, int hard);

@@ -2,8 +2,13 @@
  * cm/log.h: structured logs, one line per event on stderr.
  *
  * JSON format: {"ts":"2026-11-29T20:00:00.123Z","level":"error","service":"price-service",
- * "msg":"redis unavailable","error":"Connection refused"} (encoded by cJSON). Text format:
+ * "msg":"redis unavailable","error":"Connection refused"} (encoded by cJSON; bytes that are not
+ * well-formed UTF-8 become U+FFFD, so every line is valid JSON). Text format, logfmt-like:
  * `2026-11-29T20:00:00.123Z ERROR price-service redis unavailable error="Connection refused"`.
+ * A value is written bare when it is printable ASCII without space, '=', '"' or '\', else in
+ * double quotes with \" \\ \n \r \t and \xHH (other controls, invalid UTF-8) escaped, so a
+ * value (a token's subject, a server's error text) can neither end its field early nor start
+ * a new line. A NULL value is `key=` with nothing after it; an empty one is `key=""`.
  */
 #ifndef CM_LOG_H
 #define CM_LOG_H

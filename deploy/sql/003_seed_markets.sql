@@ -1,7 +1,0 @@
--- Demo markets for the dev stack and the tests. Existing rows are left as they are.
-INSERT INTO oracle_prices (market, price, confidence, publish_time, source) VALUES
-    ('BTC-USD', 64123.45, 12.5, now(), 'pyth'),
-    ('ETH-USD', 3421.0712, 1.25, now(), 'pyth'),
-    ('SOL-USD', 151.234, 0.08, now(), 'pyth'),
-    ('DOGE-USD', 0.123456789, NULL, now(), 'chainlink')
-ON CONFLICT (market) DO NOTHING;
