@@ -204,9 +204,9 @@ def test_dashboard_shows_live_updates_and_resumes(start_daemon, servers, tmp_pat
     started = []
     try:
         browser.call("Page.navigate", url=f"{on.url}/#token={make_token(user)}")
-        assert wait_for(lambda: browser.text("state") == "open", 10)
+        # Events flow from the welcome on (the open event is only the transport's).
+        assert wait_for(lambda: browser.js("dash.conn.welcomes") >= 1, 10)
         assert browser.js("dash.conn.transport") == "ws"
-        time.sleep(0.3)
         oid = w.create(user, market="ETH-USD")
         w.fill(oid, "0.5")
         last = w.last_event_id(user)
@@ -328,6 +328,9 @@ def test_event_source_resumes_by_itself_exactly_once(start_daemon, servers, tmp_
         assert wait_for(lambda: browser.text("state") == "open", 10)
         assert browser.js("dash.conn.transport") == "sse"
         assert browser.js("es.url").split("?")[0].endswith("/sse/orders")
+        # Every event from here must arrive: the stream is live once the welcome is in (the
+        # EventSource opens with the response headers, before the subscription is confirmed).
+        assert wait_for(lambda: browser.js("dash.conn.welcomes") >= 1, 10)
         busy = Background(servers, env["PG_CHANNEL"], user, interval=0.05)
         assert wait_for(lambda: browser.js("dash.rawIds.length") >= 10, 10)
         # The notifier goes away while events keep committing; a new one starts on the same
@@ -348,9 +351,11 @@ def test_event_source_resumes_by_itself_exactly_once(start_daemon, servers, tmp_
         finally:
             expected.close()
         assert busy.count == len(ids) and len(ids) > before
-        assert wait_for(lambda: browser.js("dash.rawIds.length") >= len(ids), 15)
+        arrived = wait_for(lambda: browser.js("dash.rawIds.length") >= len(ids), 15)
         time.sleep(0.5)  # anything extra (a duplicate) would come now
         got = browser.js("dash.rawIds")
+        assert arrived, (f"missing {sorted(set(ids) - set(got))} of {len(ids)}; "
+                         f"page log:\n{browser.text('log')}")
         assert len(got) == len(set(got)), "an event arrived twice"
         assert sorted(got) == ids
         assert got == ids  # one writer, so commit order is id order, and so is the stream

@@ -194,10 +194,12 @@ def test_pg_channel_mismatch_is_not_ready(start_daemon, servers):
     channel = env["PG_CHANNEL"]
     # The database keeps the trigger's default channel: PG_CHANNEL is not it.
     on = start_daemon("order-notifier", env, order_channel="order_events")
-    # The channel check runs on a pool session; the LISTEN session and Redis may come up a
-    # little later (a loaded machine, an ASan build): wait for all three.
-    assert wait_for(lambda: (lambda s, b: s == 503 and "reason" in b and b["postgres"] == "up"
-                             and b["redis"] == "up")(*readyz(on)), 15), readyz(on)
+    # The channel check runs on a pool session once the pool is up ("not checked yet" until
+    # then); the LISTEN session and Redis may come up a little later (a loaded machine, an ASan
+    # build): wait for all three and for the check's answer.
+    assert wait_for(lambda: (lambda s, b: s == 503 and "not checked yet" not in b.get("reason", "yet")
+                             and b["postgres"] == "up" and b["redis"] == "up")(*readyz(on)), 15), \
+        readyz(on)
     status, body = readyz(on)
     assert status == 503 and body["postgres"] == "up" and body["redis"] == "up"
     assert f"PG_CHANNEL '{channel}'" in body["reason"] and "'order_events'" in body["reason"]
