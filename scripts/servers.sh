@@ -39,6 +39,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+# pgbouncer lives in /usr/sbin, which a normal user's PATH lacks.
+PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 cmd=${1:?usage: servers.sh COMMAND DIR (see the top of this file)}
 DIR=${2:?missing DIR}
 MODE=${3:-}
@@ -187,7 +189,7 @@ default_pool_size = 20
 logfile = $d/pgbouncer.log
 pidfile = $d/pgbouncer.pid
 INI
-  as_pg pgbouncer -d -q "$d/pgbouncer.ini"
+  as_pg "$PGBOUNCER" -d -q "$d/pgbouncer.ini"
   for _ in $(seq 100); do
     psql -X -q -h 127.0.0.1 -p "$port" -U postgres -d markets -c 'SELECT 1' >/dev/null 2>&1 && return 0
     sleep 0.05
