@@ -148,6 +148,12 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+def welcomed(browser):
+    """The page has had a welcome: its stream is live from here. Before the page has loaded
+    there is no `dash` (None)."""
+    return (browser.js("window.dash?.conn.welcomes") or 0) >= 1
+
+
 @pytest.fixture
 def browser():
     b = Browser()
@@ -205,7 +211,7 @@ def test_dashboard_shows_live_updates_and_resumes(start_daemon, servers, tmp_pat
     try:
         browser.call("Page.navigate", url=f"{on.url}/#token={make_token(user)}")
         # Events flow from the welcome on (the open event is only the transport's).
-        assert wait_for(lambda: browser.js("dash.conn.welcomes") >= 1, 10)
+        assert wait_for(lambda: welcomed(browser), 10)
         assert browser.js("dash.conn.transport") == "ws"
         oid = w.create(user, market="ETH-USD")
         w.fill(oid, "0.5")
@@ -330,7 +336,7 @@ def test_event_source_resumes_by_itself_exactly_once(start_daemon, servers, tmp_
         assert browser.js("es.url").split("?")[0].endswith("/sse/orders")
         # Every event from here must arrive: the stream is live once the welcome is in (the
         # EventSource opens with the response headers, before the subscription is confirmed).
-        assert wait_for(lambda: browser.js("dash.conn.welcomes") >= 1, 10)
+        assert wait_for(lambda: welcomed(browser), 10)
         busy = Background(servers, env["PG_CHANNEL"], user, interval=0.05)
         assert wait_for(lambda: browser.js("dash.rawIds.length") >= 10, 10)
         # The notifier goes away while events keep committing; a new one starts on the same
